@@ -1,0 +1,68 @@
+"""What one model call tells the attention engine: its step, its CFG rows, its tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .strategies import COND, UNCOND
+from .window import TokenLayout, WindowSpec
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``rows`` of the batch belong to CFG ``branch``; ``occurrence`` tells apart
+    several chunks of one branch (several conds in one call)."""
+
+    branch: int
+    occurrence: int
+    rows: slice
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.branch, self.occurrence)
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Per-model-call facts, built once per call by the sampler hook.
+
+    step:           the plan step this call belongs to; None when the call cannot be mapped
+                    to a step safely, which makes every layer run FULL without caching.
+    cond_or_uncond: ComfyUI's branch per batch chunk (0 = cond, 1 = uncond); the batch is
+                    that many equal chunks in that order.
+    tokens:         where the image tokens are and their grid (needed by window strategies).
+    window:         the plan's window shape.
+    kernel:         window kernel name, or "auto".
+    """
+
+    step: int | None
+    cond_or_uncond: tuple[int, ...] = (COND,)
+    tokens: TokenLayout | None = None
+    window: WindowSpec = WindowSpec()
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.cond_or_uncond:
+            raise ValueError("cond_or_uncond must name at least one chunk")
+        bad = [b for b in self.cond_or_uncond if b not in (COND, UNCOND)]
+        if bad:
+            raise ValueError(f"cond_or_uncond holds unknown branch values {bad} (0 = cond, 1 = uncond)")
+
+    def chunks(self, batch: int) -> list[Chunk]:
+        n = len(self.cond_or_uncond)
+        if batch % n:
+            raise ValueError(
+                f"batch of {batch} rows cannot be split into {n} CFG chunks {self.cond_or_uncond}"
+            )
+        size = batch // n
+        seen: dict[int, int] = {}
+        out = []
+        for i, branch in enumerate(self.cond_or_uncond):
+            occ = seen.get(branch, 0)
+            seen[branch] = occ + 1
+            out.append(Chunk(branch, occ, slice(i * size, (i + 1) * size)))
+        return out

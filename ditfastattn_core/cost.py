@@ -1,0 +1,67 @@
+"""Attention FLOPs per strategy and per plan, in units of one dense attention.
+
+FLOPs are the QK^T and PV multiplies of the compressed self-attention, as in the paper.
+A window costs the keys each query really sees (``Window.fraction``, text keys and border
+effects included); the reference code counts windows as free, which flatters every plan.
+A FULL step that refreshes a residual also pays for the window it subtracts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .schedule import Schedule
+from .strategies import COND, UNCOND, Strategy
+
+
+def strategy_cost(strategy: Strategy, window_fraction: float, has_cfg: bool) -> float:
+    """Attention FLOPs of one layer call under ``strategy`` (1.0 = dense), per batch of both
+    CFG branches. Without CFG the sharing strategies run as their non-sharing forms."""
+    if not has_cfg:
+        strategy = strategy.without_cfg_sharing
+    return {
+        Strategy.FULL: 1.0,
+        Strategy.WA_RS: window_fraction,
+        Strategy.ASC: 0.5,
+        Strategy.WA_RS_ASC: window_fraction / 2,
+        Strategy.AST: 0.0,
+    }[strategy]
+
+
+def refresh_cost(schedule: Schedule, step: int, layer: int, window_fraction: float, has_cfg: bool) -> float:
+    """Window FLOPs a FULL step spends to refresh residuals that later steps read."""
+    if schedule[step][layer] is not Strategy.FULL:
+        return 0.0
+    branches = (COND, UNCOND) if has_cfg else (COND,)
+    reads = [schedule.reads_residual_later(step, layer, b) for b in branches]
+    return window_fraction * sum(reads) / len(reads)
+
+
+@dataclass(frozen=True)
+class CostSummary:
+    """A plan in the paper's terms."""
+
+    attention_flops: float
+    """Mean attention FLOPs over all (step, layer) calls, as a fraction of all-FULL."""
+    counts: dict[str, int]
+    window_fraction: float
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+        return f"attention FLOPs {self.attention_flops:.1%} of FULL ({parts}; window {self.window_fraction:.1%})"
+
+
+def summarize(schedule: Schedule, window_fraction: float, has_cfg: bool) -> CostSummary:
+    total = 0.0
+    for step in range(schedule.steps):
+        for layer in range(schedule.layers):
+            s = schedule[step][layer]
+            total += strategy_cost(s, window_fraction, has_cfg)
+            total += refresh_cost(schedule, step, layer, window_fraction, has_cfg)
+    counts: Counter = schedule.counts()
+    return CostSummary(
+        attention_flops=total / (schedule.steps * schedule.layers),
+        counts={s.name: counts.get(s, 0) for s in Strategy},
+        window_fraction=window_fraction,
+    )

@@ -1,0 +1,215 @@
+"""The single entry point: one attention call under one strategy.
+
+``attend`` takes q, k, v in either ComfyUI layout, the strategy chosen for this (step, layer),
+the per-call context and the run state, and returns the attention output in the layout the
+caller expects. Whatever a strategy needs but cannot have (no residual yet, no previous
+output, nothing to share with) falls back to the next exact computation, and the state counts
+the fallback; a fallback is never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .context import CallContext, Chunk
+from .kernels import select_kernel
+from .state import RunState
+from .strategies import COND, UNCOND, Strategy
+
+DenseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Dense attention on (B, H, L, D) tensors; the caller binds scale, masks and backend."""
+
+
+def sdpa_dense(scale: float | None = None) -> DenseFn:
+    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    return dense
+
+
+def to_heads(x: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """ComfyUI's (B, L, H*D) or already-split (B, H, L, D) -> (B, H, L, D) view."""
+    if skip_reshape:
+        if x.dim() != 4:
+            raise ValueError(f"skip_reshape expects (B, H, L, D), got shape {tuple(x.shape)}")
+        return x
+    if x.dim() != 3 or x.shape[-1] % heads:
+        raise ValueError(f"expected (B, L, heads*D) with {heads} heads, got shape {tuple(x.shape)}")
+    b, n, hd = x.shape
+    return x.view(b, n, heads, hd // heads).transpose(1, 2)
+
+
+def from_heads(x: torch.Tensor, skip_output_reshape: bool) -> torch.Tensor:
+    if skip_output_reshape:
+        return x
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class _Call:
+    """One attend() call: the rows, the caches and the output being assembled."""
+
+    def __init__(self, q, k, v, layer: int, ctx: CallContext, state: RunState, dense: DenseFn):
+        self.q, self.k, self.v = q, k, v
+        self.layer, self.ctx, self.state, self.dense = layer, ctx, state, dense
+        self.step = ctx.step
+        self.chunks = ctx.chunks(q.shape[0])
+        self.out: list[torch.Tensor | None] = [None] * len(self.chunks)
+        self._window = None
+
+    def key(self, c: Chunk) -> tuple[int, int, int]:
+        return (self.layer, c.branch, c.occurrence)
+
+    def shape(self, c: Chunk) -> torch.Size:
+        return torch.Size((c.size, *self.q.shape[1:3], self.v.shape[-1]))
+
+    def window(self):
+        if self._window is None:
+            tokens = self.ctx.tokens
+            if tokens is None:
+                raise ValueError("window attention needs the call's token layout (grid, text span)")
+            if tokens.seq_len != self.q.shape[2]:
+                raise ValueError(
+                    f"attention over {self.q.shape[2]} tokens, but the call's token layout has "
+                    f"{tokens.seq_len}"
+                )
+            self._window = self.ctx.window.bind(tokens)
+        return self._window
+
+    def rows(self, chunks: list[Chunk]) -> torch.Tensor | slice:
+        if len(chunks) == len(self.chunks):
+            return slice(None)
+        if len(chunks) == 1:
+            return chunks[0].rows
+        return torch.cat([torch.arange(c.rows.start, c.rows.stop) for c in chunks]).to(self.q.device)
+
+    def run(self, chunks: list[Chunk], fn) -> list[torch.Tensor]:
+        """Run ``fn(q, k, v)`` once on the rows of ``chunks``; split the result per chunk."""
+        if not chunks:
+            return []
+        rows = self.rows(chunks)
+        o = fn(self.q[rows], self.k[rows], self.v[rows])
+        sizes = [c.size for c in chunks]
+        return list(o.split(sizes, dim=0))
+
+    def window_fn(self, q, k, v):
+        w = self.window()
+        return select_kernel(w, q, self.ctx.kernel)(q, k, v, w)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    strategy: Strategy,
+    layer: int,
+    ctx: CallContext,
+    state: RunState,
+    *,
+    heads: int = 1,
+    skip_reshape: bool = True,
+    skip_output_reshape: bool = True,
+    dense: DenseFn | None = None,
+) -> torch.Tensor:
+    """Attention for ``layer`` at ``ctx.step`` under ``strategy``, reading and filling
+    ``state``. Layouts as ComfyUI's attention functions: (B, L, H*D) in and out unless
+    ``skip_reshape`` / ``skip_output_reshape``."""
+    qh, kh, vh = (to_heads(t, heads, skip_reshape) for t in (q, k, v))
+    if kh.shape[:3] != qh.shape[:3] or vh.shape[:3] != qh.shape[:3]:
+        raise ValueError(
+            f"self-attention needs q, k, v of one shape, got {tuple(qh.shape)}, "
+            f"{tuple(kh.shape)}, {tuple(vh.shape)}"
+        )
+    call = _Call(qh, kh, vh, layer, ctx, state, dense or sdpa_dense())
+    if ctx.step is None:
+        state.count("unmapped")
+        out = call.dense(qh, kh, vh)
+    else:
+        out = _execute(call, strategy)
+    return from_heads(out, skip_output_reshape)
+
+
+def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
+    state, step, layer = call.state, call.step, call.layer
+    chunks = call.chunks
+    if strategy.uses_window:
+        call.window()  # shape errors surface before anything is computed
+
+    # 1. CFG sharing: which unconditional chunks copy a conditional output.
+    copy_from: dict[int, Chunk | torch.Tensor] = {}
+    if strategy.shares_cfg:
+        conds = [c for c in chunks if c.branch == COND]
+        unconds = [i for i, c in enumerate(chunks) if c.branch == UNCOND]
+        if len(conds) == 1 and unconds:
+            for i in unconds:
+                copy_from[i] = conds[0]
+        elif not conds and len(unconds) == 1:
+            shared = state.shared(step, layer, call.shape(chunks[unconds[0]]))
+            if shared is not None:
+                copy_from[unconds[0]] = shared
+            else:
+                state.count("asc_miss")
+        base = strategy.without_cfg_sharing
+    else:
+        base = strategy
+
+    # 2. What each remaining chunk computes: cached output, window + residual, or dense.
+    dense_chunks, window_chunks, residuals = [], [], {}
+    for i, c in enumerate(chunks):
+        if i in copy_from:
+            continue
+        if base is Strategy.AST:
+            prev = state.previous_output(step, call.key(c), call.shape(c))
+            if prev is not None:
+                call.out[i] = prev.clone()
+                continue
+            state.count("ast_miss")
+        elif base is Strategy.WA_RS:
+            r = state.residual(step, call.key(c), call.shape(c))
+            if r is not None:
+                window_chunks.append(i)
+                residuals[i] = r
+                continue
+            state.count("residual_miss")
+        dense_chunks.append(i)
+
+    # 3. Compute, batching the rows that share an action.
+    for i, o in zip(dense_chunks, call.run([chunks[i] for i in dense_chunks], call.dense), strict=True):
+        call.out[i] = o
+    refresh = [] if state.frozen else [
+        i for i in dense_chunks if state.keeps_residual(step, layer, chunks[i].branch)
+    ]
+    for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn), strict=True):
+        state.put_residual(step, call.key(chunks[i]), call.out[i] - w)
+    for i, w in zip(window_chunks, call.run([chunks[i] for i in window_chunks], call.window_fn), strict=True):
+        call.out[i] = w + residuals[i]
+    for i, c in enumerate(chunks):
+        if i not in refresh and not state.keeps_residual(step, layer, c.branch):
+            state.drop_residual(call.key(c))
+    for i, src in copy_from.items():
+        call.out[i] = call.out[chunks.index(src)] if isinstance(src, Chunk) else src
+
+    # 4. Publish for a separate unconditional call, keep outputs a later AST step reads.
+    if strategy.shares_cfg and all(c.branch == COND for c in chunks) and len(chunks) == 1:
+        state.publish_cond(step, layer, call.out[0])
+    for i, c in enumerate(chunks):
+        if state.keeps_output(step, layer):
+            state.put_output(step, call.key(c), call.out[i])
+        else:
+            state.drop_output(call.key(c))
+        state.count(_action(i, copy_from, window_chunks, dense_chunks))
+    out = call.out[0] if len(chunks) == 1 else torch.cat(call.out, dim=0)
+    return out
+
+
+def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:
+    if i in copy_from:
+        return "cfg_copy"
+    if i in window_chunks:
+        return "window"
+    if i in dense_chunks:
+        return "dense"
+    return "reuse"

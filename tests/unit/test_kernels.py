@@ -1,0 +1,164 @@
+import sys
+import types
+
+import pytest
+import torch
+
+from ditfastattn_core.kernels import KERNELS, select_kernel
+from ditfastattn_core.kernels.blocked import block_layout_stats
+from ditfastattn_core.window import TokenLayout, WindowSpec
+
+CASES = {
+    "band-odd": (WindowSpec(), TokenLayout.image_only((37,))),
+    "band-2d-grid-long": (WindowSpec(), TokenLayout.image_only((33, 41))),
+    "band-tiled": (WindowSpec(tile=(64,)), TokenLayout.image_only((1000,))),
+    "band-arrow-text-first": (WindowSpec(), TokenLayout(seq_len=11 + 700, image_start=11, grid=(700,))),
+    "band-tiled-arrow-image-first": (WindowSpec(tile=(32,)), TokenLayout(seq_len=300 + 7, image_start=0, grid=(300,))),
+    "2d": (WindowSpec(dims=2, extent=(0.25, 0.2)), TokenLayout.image_only((13, 9))),
+    "2d-tiled-arrow": (WindowSpec(dims=2, extent=(0.25, 0.3), tile=(3, 4)), TokenLayout(seq_len=5 + 12 * 9 + 3, image_start=5, grid=(12, 9))),
+    "3d": (WindowSpec(dims=3, extent=(0.3, 0.25, 0.25)), TokenLayout.image_only((4, 6, 5))),
+    "3d-tiled-arrow": (WindowSpec(dims=3, extent=(0.3, 0.25, 0.25), tile=(1, 2, 2)), TokenLayout(seq_len=8 + 5 * 6 * 5, image_start=8, grid=(5, 6, 5))),
+}
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _qkv(layout, dtype, batch=2, heads=3, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, layout.seq_len, dim, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("name", ["blocked", "flex"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_equals_dense_masked_reference(name, dtype, case):
+    spec, layout = CASES[case]
+    if name == "flex" and (dtype is torch.bfloat16 or not KERNELS["flex"].available()):
+        pytest.skip("eager FlexAttention on CPU is checked in fp32 only")
+    w = spec.bind(layout)
+    q, k, v = _qkv(layout, dtype)
+    ref = KERNELS["reference"](q.float(), k.float(), v.float(), w)
+    out = KERNELS[name](q, k, v, w)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_blocked_kernel_honours_scale_and_non_contiguous_inputs():
+    spec, layout = CASES["band-arrow-text-first"]
+    w = spec.bind(layout)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(layout, torch.float32))
+    assert not q.is_contiguous()
+    torch.testing.assert_close(
+        KERNELS["blocked"](q, k, v, w, scale=0.3), KERNELS["reference"](q, k, v, w, scale=0.3)
+    )
+
+
+def test_reference_kernel_masks_what_it_should():
+    # a value visible only through a masked-out key must not leak into the output
+    layout = TokenLayout.image_only((64,))
+    w = WindowSpec().bind(layout)  # radius 8
+    q = torch.zeros(1, 1, 64, 4)
+    k = torch.zeros(1, 1, 64, 4)
+    v = torch.zeros(1, 1, 64, 4)
+    v[0, 0, 63] = 1000.0
+    for name in ("reference", "blocked"):
+        out = KERNELS[name](q, k, v, w)
+        assert out[0, 0, 0].abs().max() == 0, name
+        assert out[0, 0, 60].abs().max() > 0, name
+
+
+def test_block_aligned_band_has_no_masked_work():
+    w = WindowSpec(tile=(256,)).bind(TokenLayout.image_only((4096,)))
+    stats = block_layout_stats(w)
+    assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"])
+    exact = block_layout_stats(WindowSpec().bind(TokenLayout.image_only((4096,))))
+    assert exact["computed_fraction"] > exact["window_fraction"]
+
+
+def test_wrong_sequence_length_raises():
+    spec, layout = CASES["band-odd"]
+    q, k, v = _qkv(TokenLayout.image_only((40,)), torch.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        KERNELS["blocked"](q, k, v, spec.bind(layout))
+
+
+# --- selection ------------------------------------------------------------------------------
+
+
+class _FakeQ:
+    """Stands in for a CUDA tensor: selection only looks at device, dtype and shape."""
+
+    def __init__(self, device="cuda", dtype=torch.bfloat16, shape=(1, 16, 4096, 64)):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.shape = shape
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """A CPU stand-in for flash_attn.flash_attn_func with flash-attn's window semantics:
+    (B, L, H, D) tensors, key j visible from query i iff i - left <= j <= i + right."""
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        calls.append({"window_size": window_size, "causal": causal, "shape": tuple(q.shape)})
+        left, right = window_size
+        n = q.shape[1]
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        mask = (j >= i - left) & (j <= i + right)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=softmax_scale
+        )
+        return o.transpose(1, 2)
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(KERNELS, "flash", KERNELS["flash"].__class__(
+        "flash", KERNELS["flash"].fn, lambda: True, KERNELS["flash"].unsupported))
+    return calls
+
+
+def test_auto_on_cpu_is_blocked():
+    w = WindowSpec().bind(TokenLayout.image_only((64,)))
+    assert select_kernel(w, torch.zeros(1, 1, 64, 8)).name == "blocked"
+
+
+def test_auto_on_cuda_prefers_flash_for_an_exact_band(fake_flash):
+    w = WindowSpec().bind(TokenLayout.image_only((4096,)))
+    assert select_kernel(w, _FakeQ()).name == "flash"
+    # fp32, a text span, or a tiled window: flash cannot express them
+    assert select_kernel(w, _FakeQ(dtype=torch.float32)).name != "flash"
+    arrow = WindowSpec().bind(TokenLayout(seq_len=4096 + 77, image_start=77, grid=(4096,)))
+    assert select_kernel(arrow, _FakeQ()).name != "flash"
+    tiled = WindowSpec(tile=(128,)).bind(TokenLayout.image_only((4096,)))
+    assert select_kernel(tiled, _FakeQ()).name != "flash"
+
+
+def test_auto_on_cuda_uses_flex_for_power_of_two_heads_else_blocked(monkeypatch):
+    monkeypatch.setitem(KERNELS, "flash", KERNELS["flash"].__class__(
+        "flash", KERNELS["flash"].fn, lambda: False, KERNELS["flash"].unsupported))
+    w = WindowSpec(dims=2, extent=(0.125, 0.125)).bind(TokenLayout.image_only((64, 64)))
+    expected = "flex" if KERNELS["flex"].available() else "blocked"
+    assert select_kernel(w, _FakeQ(shape=(1, 16, 4096, 64))).name == expected
+    assert select_kernel(w, _FakeQ(shape=(1, 16, 4096, 72))).name == "blocked"
+
+
+def test_named_kernel_is_checked():
+    w = WindowSpec(tile=(16,)).bind(TokenLayout.image_only((64,)))
+    q = torch.zeros(1, 1, 64, 8)
+    assert select_kernel(w, q, "reference").name == "reference"
+    with pytest.raises(ValueError, match="unknown window kernel"):
+        select_kernel(w, q, "triton-magic")
+    with pytest.raises(ValueError, match="cannot run here|not installed"):
+        select_kernel(w, q, "flash")
+
+
+def test_flash_kernel_passes_a_symmetric_window_and_matches_reference(fake_flash):
+    layout = TokenLayout.image_only((96,))
+    w = WindowSpec().bind(layout)
+    q, k, v = _qkv(layout, torch.float32)
+    out = KERNELS["flash"](q, k, v, w)
+    assert fake_flash[-1]["window_size"] == (12, 12)  # never (-w, w): that is unbounded left
+    assert fake_flash[-1]["causal"] is False
+    torch.testing.assert_close(out, KERNELS["reference"](q, k, v, w))
