@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..window import Window
 
-EXACT_CHUNK_1D = 512
-"""Query block of the exact 1D band: 256-512 keeps SDPA efficient while the masked share
+EXACT_CHUNK_1D = 256
+"""Query block of the exact 1D band: 256 keeps SDPA efficient while the masked share
 of each block stays small (measured on a 2-core CPU; see bench/kernels.py)."""
 
 GATHER_BUDGET_BYTES = 256 * 2**20

@@ -1,0 +1,38 @@
+"""Apply FastAttn: MODEL + PLAN -> a patched MODEL clone."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..ditfastattn_core.comfy_bridge import apply_fastattn
+from ..ditfastattn_core.kernels import kernel_names
+from ..ditfastattn_core.steps import STEP_MODES, STRICT
+from .types import Plan
+
+
+class ApplyFastAttn(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiTFastAttn_Apply",
+            display_name="Apply FastAttn",
+            category="model_patches/ditfastattn",
+            description="Compress the self-attention of a diffusion transformer with a FastAttn plan "
+            "(window attention with residual sharing, step sharing, CFG sharing). The plan is checked "
+            "against the model before sampling.",
+            inputs=[
+                io.Model.Input("model", tooltip="A diffusion transformer (PixArt, Flux, SD3, Wan, ...)."),
+                Plan.Input("plan", tooltip="From Load Plan or Calibrate FastAttn Plan."),
+                io.Combo.Input("window_kernel", options=kernel_names(), default="auto",
+                               tooltip="Window-attention kernel; auto picks the fastest that can run the "
+                               "plan's window on this device."),
+                io.Combo.Input("step_matching", options=list(STEP_MODES), default=STRICT,
+                               tooltip="strict: the sampler must use the plan's step count. normalised: "
+                               "map steps by their relative position (a plan for 20 steps on 30)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with FastAttn; bypass this node to turn it off.")],
+        )
+
+    @classmethod
+    def execute(cls, model, plan, window_kernel: str, step_matching: str) -> io.NodeOutput:
+        return io.NodeOutput(apply_fastattn(model, plan, kernel=window_kernel, step_mode=step_matching))

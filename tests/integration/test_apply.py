@@ -1,0 +1,170 @@
+"""Apply FastAttn in real ComfyUI on tiny models of several DiT families."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ditfastattn_core import Plan, Schedule, Strategy, WindowSpec
+from ditfastattn_core.comfy_bridge import PlanMismatchError, apply_fastattn, detect_family, layer_count
+
+from .tiny import BUILDERS
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny(request):
+    return BUILDERS[request.param]()
+
+
+def sample(tiny, model=None, *, negative=None, sampler="euler", steps=STEPS, cfg=3.0, callback=None, seed=0):
+    import comfy.sample
+
+    latent = tiny.latent
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(
+        model or tiny.patcher, noise, steps, cfg, sampler, "normal", tiny.positive,
+        negative if negative is not None else tiny.negative, latent, seed=seed, disable_pbar=True,
+        callback=callback,
+    )
+
+
+def plan_for(tiny, rows: list[str], window: WindowSpec | None = None) -> Plan:
+    family = detect_family(tiny.patcher.model)
+    return Plan(schedule=Schedule.from_letters(rows), family=family.name,
+                sigmas=tuple(float(STEPS - i) for i in range(STEPS + 1)), cfg=3.0,
+                window=window or WindowSpec())
+
+
+def uniform(tiny, letter: str) -> list[str]:
+    layers = layer_count(tiny.patcher.model, detect_family(tiny.patcher.model))
+    return ["F" * layers] + [letter * layers] * (STEPS - 1)
+
+
+def run_stats(caplog) -> dict[str, int]:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FastAttn run: ")]
+    assert lines, "the run logged no statistics"
+    return {k: int(v) for k, v in (p.rsplit(" ", 1) for p in lines[-1][len("FastAttn run: "):].split(", "))}
+
+
+@pytest.mark.parametrize("separate_cfg", [False, True])
+def test_all_full_plan_is_bit_identical(tiny, separate_cfg):
+    negative = tiny.negative_other_length if separate_cfg else tiny.negative
+    plain = sample(tiny, negative=negative)
+    patched = sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "F"))), negative=negative)
+    assert torch.equal(plain, patched)
+
+
+@pytest.mark.parametrize("letter,action", [("W", "window"), ("X", "cfg_copy"), ("C", "cfg_copy"), ("T", "reuse")])
+def test_each_strategy_runs_and_changes_the_output(tiny, letter, action, caplog):
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    plain = sample(tiny)
+    out = sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, letter))))
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, plain)
+    stats = run_stats(caplog)
+    assert stats.get(action, 0) > 0, stats
+    assert stats.get("residual_miss", 0) == 0 and stats.get("ast_miss", 0) == 0, stats
+
+
+def test_asc_across_separate_cond_and_uncond_calls(tiny, caplog):
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    out = sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "C"))),
+                 negative=tiny.negative_other_length)
+    assert torch.isfinite(out).all()
+    stats = run_stats(caplog)
+    # the uncond call either copies the cond output of the same step or computes it itself
+    assert stats.get("cfg_copy", 0) + stats.get("asc_miss", 0) > 0, stats
+
+
+def test_two_runs_in_a_row_and_bypass_leave_no_state(tiny):
+    patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "W")))
+    first = sample(tiny, patched)
+    second = sample(tiny, patched)
+    assert torch.equal(first, second)
+    fresh_plain = sample(tiny)
+    assert torch.equal(sample(tiny), fresh_plain), "the original model is untouched"
+    assert not tiny.patcher.object_patches
+
+
+def test_interrupted_run_then_fresh_run(tiny):
+    patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "T")))
+    expected = sample(tiny, patched)
+
+    def interrupt(step, *args):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(tiny, patched, callback=interrupt)
+    assert torch.equal(sample(tiny, patched), expected)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_multi_call_samplers_map_deterministically(tiny, sampler):
+    patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "W")))
+    a = sample(tiny, patched, sampler=sampler)
+    b = sample(tiny, patched, sampler=sampler)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_batch_of_three(tiny):
+    tiny3 = type(tiny)(**{**tiny.__dict__, "latent": tiny.latent.repeat(3, *([1] * (tiny.latent.dim() - 1)))})
+    patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "X")))
+    out = sample(tiny3, patched)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+
+
+def test_preexisting_override_is_chained(tiny):
+    if detect_family(tiny.patcher.model).patched_modules:
+        pytest.skip("PixArt's attention never reaches the override")
+    seen = []
+
+    def other(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs)
+
+    base = tiny.patcher.clone()
+    base.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    plain = sample(tiny, base)
+    calls = len(seen)
+    seen.clear()
+    patched = apply_fastattn(base, plan_for(tiny, uniform(tiny, "F")))
+    assert torch.equal(sample(tiny, patched), plain)
+    assert len(seen) == calls
+
+
+def test_plan_for_another_model_is_refused(tiny):
+    plan = plan_for(tiny, uniform(tiny, "F"))
+    wrong_layers = Plan(schedule=Schedule.uniform(STEPS, plan.layers + 1), family=plan.family, sigmas=plan.sigmas)
+    with pytest.raises(PlanMismatchError, match="attention layers"):
+        apply_fastattn(tiny.patcher, wrong_layers)
+    other = "flux" if plan.family != "flux" else "sd3"
+    with pytest.raises(PlanMismatchError, match="recalibrate|load the plan"):
+        apply_fastattn(tiny.patcher, Plan(schedule=plan.schedule, family=other, sigmas=plan.sigmas))
+
+
+def test_wrong_step_count_is_refused_before_sampling(tiny):
+    patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "W")))
+    with pytest.raises(ValueError, match="calibrated for 4 steps"):
+        sample(tiny, patched, steps=6)
+
+
+def test_unsupported_model_is_refused():
+    from ditfastattn_core.comfy_bridge import UnsupportedModelError
+
+    class NotADiT:
+        pass
+
+    class Patcher:
+        model = NotADiT()
+
+    with pytest.raises(UnsupportedModelError, match="not a diffusion transformer"):
+        apply_fastattn(Patcher(), Plan(schedule=Schedule.uniform(1, 1), family="flux", sigmas=(1.0, 0.0)))
+
+
+def test_strategy_letters_used_are_known():
+    assert {s.letter for s in Strategy} == set("FWCXT")
