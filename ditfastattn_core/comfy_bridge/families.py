@@ -37,6 +37,9 @@ class Family:
     """Patch size over the latent's trailing axes: (h, w) or (t, h, w)."""
     text_from_context: bool = True
     """Text length = the conditioning's token count (else: whatever precedes the image)."""
+    joint_only: bool = False
+    """Only joint text+image calls are layers (Lumina2: its image-only noise refiner always
+    runs with a padding mask and stays untouched)."""
     patched_modules: bool = False
     """True where attention never sees transformer_options (PixArt): attention modules are
     object-patched instead of using the attention override."""
@@ -56,6 +59,8 @@ class Family:
         this call is not over the image tokens (a text refiner)."""
         n = math.prod(grid)
         if seq_len < n:
+            return None
+        if seq_len == n and self.joint_only:
             return None
         if seq_len == n or self.order == IMAGE_ONLY:
             return TokenLayout(seq_len=seq_len, image_start=0, grid=grid) if seq_len == n else None
@@ -88,8 +93,7 @@ FAMILIES: dict[str, Family] = {
         Family("hunyuan_video", IMAGE_FIRST, lambda c: _get(c, "depth") + _get(c, "depth_single_blocks"),
                patch=(1, 2, 2)),
         Family("ltxv", IMAGE_ONLY, lambda c: _get(c, "num_layers"), patch=(1, 1, 1)),
-        Family("lumina2", TEXT_FIRST, lambda c: c.get("n_refiner_layers", 2) + _get(c, "n_layers"),
-               text_from_context=False),
+        Family("lumina2", TEXT_FIRST, lambda c: _get(c, "n_layers"), text_from_context=False, joint_only=True),
         Family("qwen_image", TEXT_FIRST, lambda c: _get(c, "num_layers")),
         Family("hidream", IMAGE_FIRST, lambda c: _get(c, "num_layers") + _get(c, "num_single_layers")),
         Family("cosmos", IMAGE_ONLY, lambda c: _get(c, "num_blocks"), patch=(1, 2, 2)),

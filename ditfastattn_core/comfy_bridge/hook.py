@@ -141,7 +141,10 @@ class ModelCall:
             self.run.report("layers", f"the model ran more self-attention layers than the plan's "
                             f"{plan.layers}; the extra ones ran FULL")
             return passthrough()
-        if masked or self.step is None:
+        if masked:
+            self.run.report("masked", "attention calls with a text padding mask run FULL")
+            return passthrough()
+        if self.step is None:
             return passthrough()
         strategy = plan.schedule[self.step][layer]
         if strategy is Strategy.FULL and not _keeps_anything(state, self.step, layer):

@@ -168,3 +168,13 @@ def test_unsupported_model_is_refused():
 
 def test_strategy_letters_used_are_known():
     assert {s.letter for s in Strategy} == set("FWCXT")
+
+
+def test_every_self_attention_layer_is_routed_once_per_step(tiny, caplog):
+    """Exact counts: step 0 computes all layers densely (refreshing residuals), the other steps
+    run every layer windowed, for both CFG rows; nothing else is touched or missed."""
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    layers = layer_count(tiny.patcher.model, detect_family(tiny.patcher.model))
+    sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "W"))))
+    stats = run_stats(caplog)
+    assert stats == {"dense": layers * 2, "window": (STEPS - 1) * layers * 2}
