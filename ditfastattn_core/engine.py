@@ -151,7 +151,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
             if shared is not None:
                 copy_from[unconds[0]] = shared
             else:
-                state.count("asc_miss")
+                state.miss("asc_miss")
         base = strategy.without_cfg_sharing
     else:
         base = strategy
@@ -166,14 +166,14 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
             if prev is not None:
                 call.out[i] = prev.clone()
                 continue
-            state.count("ast_miss")
+            state.miss("ast_miss")
         elif base is Strategy.WA_RS:
             r = state.residual(step, call.key(c), call.shape(c))
             if r is not None:
                 window_chunks.append(i)
                 residuals[i] = r
                 continue
-            state.count("residual_miss")
+            state.miss("residual_miss")
         dense_chunks.append(i)
 
     # 3. Compute, batching the rows that share an action.

@@ -41,6 +41,9 @@ class RunState:
     stats: Counter = field(default_factory=Counter)
     frozen: bool = False
     """While frozen (calibration trial forwards) nothing is written; reads still work."""
+    misses: int = 0
+    """Cache misses (a strategy that fell back), counted even while frozen: calibration
+    uses it to reject a candidate that only looked good because it silently ran dense."""
 
     # --- what to keep ---------------------------------------------------------------------
     def keeps_residual(self, step: int, layer: int, branch: int) -> bool:
@@ -102,6 +105,10 @@ class RunState:
         if not self.frozen:
             self.stats[what] += 1
 
+    def miss(self, what: str) -> None:
+        self.misses += 1
+        self.count(what)
+
     # --- lifetime ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def read_only(self) -> Iterator[None]:
@@ -118,6 +125,7 @@ class RunState:
         self.shared_cond.clear()
         self.stats.clear()
         self.frozen = False
+        self.misses = 0
 
     def cache_bytes(self) -> int:
         tensors = [e.tensor for d in (self.residuals, self.outputs) for e in d.values()]

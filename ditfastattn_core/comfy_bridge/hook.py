@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from ..calibrate import FAST, FastCalibrator, PaperCalibrator
 from ..context import CallContext
 from ..engine import attend
 from ..plan import Plan
 from ..state import RunState
 from ..steps import STRICT, StepMapper
 from ..strategies import COND, UNCOND, Strategy
+from ..window import WindowSpec
 from .families import FAMILIES, Family, UnsupportedModelError, detect_family, layer_count
 
 log = logging.getLogger("ditfastattn")
@@ -45,10 +47,49 @@ class PlanMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class FastAttnConfig:
+    """Apply a plan."""
+
     plan: Plan
     family: str
     kernel: str = "auto"
     step_mode: str = STRICT
+
+    @property
+    def layers(self) -> int:
+        return self.plan.layers
+
+    @property
+    def window(self) -> WindowSpec:
+        return self.plan.window
+
+
+class CalibrationSink:
+    """Where a calibration run leaves its result for the node that started it. Shared, not
+    copied, when ComfyUI deep-copies model options."""
+
+    def __init__(self) -> None:
+        self.calibrator: PaperCalibrator | FastCalibrator | None = None
+        self.sample_sigmas: list[float] | None = None
+        self.grid: tuple[int, ...] | None = None
+        self.stats: dict[str, int] = {}
+
+    def __deepcopy__(self, memo: dict) -> CalibrationSink:
+        return self
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibrate a plan during one sampling run."""
+
+    family: str
+    layers: int
+    mode: str
+    delta: float
+    candidates: tuple[Strategy, ...]
+    window: WindowSpec
+    sink: CalibrationSink
+    kernel: str = "auto"
+    on_progress: Callable[[], None] | None = None
 
 
 class CallSlot:
@@ -63,25 +104,62 @@ class CallSlot:
 class FastAttnRun:
     """Everything one sampling run owns; ``finish()`` frees it."""
 
-    config: FastAttnConfig
+    config: FastAttnConfig | CalibrationConfig
     steps: StepMapper
     state: RunState
     reported: set[str] = field(default_factory=set)
+    row_override: list[Strategy] | None = None
+    """Paper calibration: the row the current (trial or writing) forward runs."""
+    paper: PaperCalibrator | None = None
+    fast: FastCalibrator | None = None
+    current_step: int | None = None
 
     @classmethod
-    def start(cls, config: FastAttnConfig, sample_sigmas: torch.Tensor) -> FastAttnRun:
-        plan = config.plan
-        steps = StepMapper.for_run(sample_sigmas.tolist(), plan.steps, config.step_mode)
-        return cls(config=config, steps=steps, state=RunState(plan.schedule))
+    def start(cls, config: FastAttnConfig | CalibrationConfig, sample_sigmas: torch.Tensor) -> FastAttnRun:
+        sigmas = [float(s) for s in sample_sigmas.tolist()]
+        if isinstance(config, FastAttnConfig):
+            steps = StepMapper.for_run(sigmas, config.plan.steps, config.step_mode)
+            return cls(config=config, steps=steps, state=RunState(config.plan.schedule))
+        config.sink.sample_sigmas = sigmas
+        steps = StepMapper.for_run(sigmas, len(sigmas) - 1)
+        return cls(config=config, steps=steps, state=RunState())
 
     @property
     def family(self) -> Family:
         return FAMILIES[self.config.family]
 
+    @property
+    def calibrating(self) -> bool:
+        return isinstance(self.config, CalibrationConfig)
+
     def report(self, key: str, message: str) -> None:
         if key not in self.reported:
             self.reported.add(key)
             log.warning("FastAttn: %s", message)
+
+    def strategy(self, step: int, layer: int) -> Strategy:
+        if self.row_override is not None:
+            return self.row_override[layer]
+        if isinstance(self.config, FastAttnConfig):
+            return self.config.plan.schedule[step][layer]
+        return Strategy.FULL
+
+    def calibrator(self, has_cfg: bool) -> PaperCalibrator | FastCalibrator:
+        """The run's calibrator, created at the first call, when CFG is known."""
+        config = self.config
+        assert isinstance(config, CalibrationConfig)
+        if config.sink.calibrator is None:
+            if config.mode == FAST:
+                config.sink.calibrator = FastCalibrator(config.layers, config.delta, has_cfg, config.candidates)
+            else:
+                config.sink.calibrator = PaperCalibrator(
+                    config.layers, config.delta, has_cfg, config.candidates,
+                    on_trial=config.on_progress, miss_count=lambda: self.state.misses,
+                )
+        cal = config.sink.calibrator
+        self.paper = cal if isinstance(cal, PaperCalibrator) else None
+        self.fast = cal if isinstance(cal, FastCalibrator) else None
+        return cal
 
     def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict) -> ModelCall:
         step = self.steps.plan_step(float(sigma.reshape(-1)[0]))
@@ -95,13 +173,29 @@ class FastAttnRun:
             grid, step = None, None
         text_len = c_crossattn.shape[1] if isinstance(c_crossattn, torch.Tensor) and c_crossattn.dim() == 3 else None
         cond_or_uncond = tuple(options.get("cond_or_uncond") or (COND,))
+        if self.calibrating:
+            sink = self.config.sink
+            if sink.grid is None and grid is not None:
+                sink.grid = grid
+            if self.fast is None and self.paper is None:
+                self.calibrator(has_cfg=UNCOND in cond_or_uncond)
+            if self.fast is not None and step is not None and step != self.current_step:
+                if self.current_step is not None:
+                    self.fast.end_step(self.current_step)
+                self.fast.begin_step(step)
+                self.current_step = step
         return ModelCall(run=self, step=step, cond_or_uncond=cond_or_uncond, grid=grid, text_len=text_len)
 
     def finish(self) -> None:
         stats = dict(self.state.stats)
         if stats:
             log.info("FastAttn run: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+        if self.calibrating:
+            if self.fast is not None and self.current_step is not None:
+                self.fast.end_step(self.current_step)
+            self.config.sink.stats = stats
         self.state.reset()
+        self.row_override = None
 
 
 @dataclass
@@ -136,18 +230,18 @@ class ModelCall:
             return passthrough()  # text refiner
         layer = self.layers_seen
         self.layers_seen += 1
-        plan, state = self.run.config.plan, self.run.state
-        if layer >= plan.layers:
-            self.run.report("layers", f"the model ran more self-attention layers than the plan's "
-                            f"{plan.layers}; the extra ones ran FULL")
+        run, state = self.run, self.run.state
+        if layer >= run.config.layers:
+            run.report("layers", f"the model ran more self-attention layers than the plan's "
+                       f"{run.config.layers}; the extra ones ran FULL")
             return passthrough()
         if masked:
             self.run.report("masked", "attention calls with a text padding mask run FULL")
             return passthrough()
         if self.step is None:
             return passthrough()
-        strategy = plan.schedule[self.step][layer]
-        if strategy is Strategy.FULL and not _keeps_anything(state, self.step, layer):
+        strategy = run.strategy(self.step, layer)
+        if strategy is Strategy.FULL and run.fast is None and not _keeps_anything(state, self.step, layer):
             return passthrough()
         if not skip_reshape and v.dim() == 4:  # SD3 passes v as (B, L, H, D)
             v = v.reshape(v.shape[0], v.shape[1], -1)
@@ -155,13 +249,13 @@ class ModelCall:
             step=self.step,
             cond_or_uncond=self.cond_or_uncond,
             tokens=tokens,
-            window=plan.window,
-            kernel=self.run.config.kernel,
+            window=run.config.window,
+            kernel=run.config.kernel,
         )
-        return attend(
-            q, k, v, strategy, layer, ctx, state,
-            heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, dense=dense,
-        )
+        layout = dict(heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
+        if run.fast is not None:
+            return run.fast.attention(q, k, v, layer, ctx, state, dense, **layout)
+        return attend(q, k, v, strategy, layer, ctx, state, dense=dense, **layout)
 
 
 def _keeps_anything(state: RunState, step: int, layer: int) -> bool:
@@ -277,6 +371,43 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
     return fastattn_apply_model
 
 
+def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+    """Paper calibration: at each step, the reference, the trials (read-only) and the one
+    writing forward all run here, on every CFG branch at once, so that the loss is the
+    paper's whole-model output error whether ComfyUI batches cond and uncond or not."""
+    run: FastAttnRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is None or not run.calibrating or run.fast is not None:
+        return executor(model, conds, x_in, timestep, model_options)
+    has_cfg = len(conds) > 1 and any(c is not None for c in conds[1:])
+    paper = run.paper or run.calibrator(has_cfg)
+    if not isinstance(paper, PaperCalibrator):
+        return executor(model, conds, x_in, timestep, model_options)
+    step = run.steps.plan_step(float(timestep.reshape(-1)[0]))
+    if step is None or step in paper.rows:  # off-schedule, or a second call of a decided step
+        run.row_override = paper.rows.get(step) if step is not None else None
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            run.row_override = None
+    written: list = []
+
+    def forward(row: list[Strategy], write: bool) -> torch.Tensor:
+        run.row_override = row
+        try:
+            if write:
+                outs = executor(model, conds, x_in, timestep, model_options)
+                written.append(outs)
+            else:
+                with run.state.read_only():
+                    outs = executor(model, conds, x_in, timestep, model_options)
+        finally:
+            run.row_override = None
+        return torch.cat([o.reshape(-1) for o in outs if o is not None])
+
+    paper.calibrate_step(step, forward)
+    return written[-1]
+
+
 def fastattn_outer_sample(executor, *args, **kwargs):
     """Creates the run's state, makes sure our override is the outermost one, frees all in
     ``finally`` (also when sampling is interrupted)."""
@@ -308,17 +439,12 @@ def fastattn_outer_sample(executor, *args, **kwargs):
 
 def check_plan(model: Any, plan: Plan) -> Family:
     """The model's family, after checking that ``plan`` was made for this model."""
-    base = model.model
-    name = type(base).__name__
-    if name in _UNSUPPORTED_CLASSES:
-        raise UnsupportedModelError(f"{name} is not supported: {_UNSUPPORTED_CLASSES[name]}")
-    family = detect_family(base)
+    family, layers = model_family(model)
     if plan.family != family.name:
         raise PlanMismatchError(
             f"the plan is for a {plan.family} model but this is a {family.name} model: "
             "load the plan made for this model, or calibrate one with Calibrate FastAttn Plan"
         )
-    layers = layer_count(base, family)
     if plan.layers != layers:
         raise PlanMismatchError(
             f"the plan has {plan.layers} attention layers but this {family.name} model has "
@@ -329,20 +455,25 @@ def check_plan(model: Any, plan: Plan) -> Family:
 
 def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
     """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
-    import comfy.patcher_extension as ext
-
     from ..kernels import kernel_names
 
     if kernel not in kernel_names():
         raise ValueError(f"unknown window kernel {kernel!r}; choose one of {kernel_names()}")
     StepMapper.for_run([float(s) for s in plan.sigmas], plan.steps, step_mode)  # validates mode
     family = check_plan(model, plan)
+    config = FastAttnConfig(plan=plan, family=family.name, kernel=kernel, step_mode=step_mode)
+    return _install(model, config, family)
+
+
+def _install(model: Any, config: FastAttnConfig | CalibrationConfig, family: Family) -> Any:
+    import comfy.patcher_extension as ext
+
     m = model.clone()
     options = m.model_options.setdefault("transformer_options", {})
-    options[CONFIG_KEY] = FastAttnConfig(plan=plan, family=family.name, kernel=kernel, step_mode=step_mode)
+    options[CONFIG_KEY] = config
     slot = CallSlot()
     if family.patched_modules:
-        for i in range(plan.layers):
+        for i in range(config.layers):
             name = f"diffusion_model.blocks.{i}.attn"
             module = m.get_model_object(name)
             if getattr(module, "sr_ratio", 1) > 1:
@@ -352,4 +483,36 @@ def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str 
         options[OVERRIDE_KEY] = make_override(options.get(OVERRIDE_KEY))
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, fastattn_outer_sample)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, KEY, make_apply_model_wrapper(slot))
+    if isinstance(config, CalibrationConfig):
+        m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, KEY, fastattn_calc_cond_batch)
     return m
+
+
+def model_family(model: Any) -> tuple[Family, int]:
+    """The family of a ModelPatcher's model and its number of compressible layers."""
+    base = model.model
+    name = type(base).__name__
+    if name in _UNSUPPORTED_CLASSES:
+        raise UnsupportedModelError(f"{name} is not supported: {_UNSUPPORTED_CLASSES[name]}")
+    family = detect_family(base)
+    return family, layer_count(base, family)
+
+
+def calibration_patch(
+    model: Any,
+    *,
+    mode: str,
+    delta: float,
+    candidates: tuple[Strategy, ...],
+    window: WindowSpec,
+    sink: CalibrationSink,
+    kernel: str = "auto",
+    on_progress: Callable[[], None] | None = None,
+) -> Any:
+    """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``."""
+    family, layers = model_family(model)
+    config = CalibrationConfig(
+        family=family.name, layers=layers, mode=mode, delta=delta, candidates=candidates,
+        window=window, sink=sink, kernel=kernel, on_progress=on_progress,
+    )
+    return _install(model, config, family)

@@ -1,0 +1,187 @@
+"""Choosing a plan: the paper's greedy search (Algorithm 1) and a one-forward local search.
+
+Both work step by step on the compressed trajectory and know nothing about ComfyUI: the
+caller supplies a ``forward(row, write)`` that runs the whole model at the current step with
+one strategy per layer, reading caches always and writing them only when ``write`` is true.
+
+Paper mode, per step t >= 1: the reference is the all-FULL output (no cache writes); layer by
+layer (earlier choices kept), the candidates are tried cheapest first and the first whose
+whole-output loss stays under ``(i + 1) / L * delta`` is kept, else FULL; then one writing
+forward with the chosen row advances the latent. Step 0 is all FULL.
+
+Fast mode (beyond the paper, after DiTFastAttnV2's idea): during the single writing forward of
+a step, each layer computes FULL and every candidate on the same q, k, v, and keeps the
+cheapest whose *local* error (relative L1 of the attention output) is under the same
+cumulative budget shape. Calibration then costs about one generation plus the extra attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .context import CallContext
+from .engine import DenseFn, attend
+from .loss import relative_l1
+from .state import RunState
+from .strategies import CANDIDATE_ORDER, Strategy
+
+PAPER = "paper"
+FAST = "fast"
+MODES = (PAPER, FAST)
+
+Row = list[Strategy]
+ForwardFn = Callable[[Row, bool], torch.Tensor]
+"""Run the model at the current step with ``row``; write caches iff the bool is true.
+Returns the whole model output (all CFG branches, all samples)."""
+
+
+def budget(layer: int, layers: int, delta: float) -> float:
+    """Algorithm 1's cumulative threshold for layer ``layer``: (i + 1) / L * delta."""
+    return (layer + 1) / layers * delta
+
+
+@dataclass
+class Availability:
+    """What a candidate needs at a step, tracked from the writing forwards."""
+
+    layers: int
+    has_cfg: bool
+    last_written_step: int = -1
+    full_seen: set[int] = field(default_factory=set)
+
+    def valid(self, step: int, layer: int, strategy: Strategy) -> bool:
+        if strategy.shares_cfg and not self.has_cfg:
+            return False
+        if strategy is Strategy.AST and self.last_written_step != step - 1:
+            return False
+        if strategy.uses_window and layer not in self.full_seen:
+            return False
+        return True
+
+    def written(self, step: int, row: Sequence[Strategy]) -> None:
+        self.last_written_step = step
+        self.full_seen.update(i for i, s in enumerate(row) if s is Strategy.FULL)
+
+
+@dataclass
+class PaperCalibrator:
+    layers: int
+    delta: float
+    has_cfg: bool
+    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
+    rows: dict[int, Row] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    on_trial: Callable[[], None] | None = None
+    """Called after each trial forward (progress, cancellation)."""
+    miss_count: Callable[[], int] | None = None
+    """Reads the run's cache-miss counter: a trial with misses silently ran dense somewhere,
+    so its low loss says nothing about the candidate."""
+
+    def __post_init__(self) -> None:
+        if not self.delta > 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        self.available = Availability(self.layers, self.has_cfg)
+        self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
+
+    def calibrate_step(self, step: int, forward: ForwardFn) -> torch.Tensor:
+        """Decide this step's row, then run it once for real; returns that output."""
+        full = [Strategy.FULL] * self.layers
+        row = list(full)
+        loss = 0.0
+        if step > 0:
+            reference = forward(full, False)
+            self._tick()
+            for i in range(self.layers):
+                for cand in self.candidates:
+                    if not self.available.valid(step, i, cand):
+                        continue
+                    trial = row[:i] + [cand] + full[i + 1 :]
+                    before = self.miss_count() if self.miss_count else 0
+                    err = relative_l1(reference, forward(trial, False))
+                    self._tick()
+                    if self.miss_count and self.miss_count() != before:
+                        continue
+                    if err < budget(i, self.layers, self.delta):
+                        row[i], loss = cand, err
+                        break
+        out = forward(row, True)
+        self.available.written(step, row)
+        self.rows[step], self.losses[step] = row, loss
+        return out
+
+    def _tick(self) -> None:
+        if self.on_trial is not None:
+            self.on_trial()
+
+
+@dataclass
+class FastCalibrator:
+    """Chooses each layer's strategy inside the step's single forward, from local errors."""
+
+    layers: int
+    delta: float
+    has_cfg: bool
+    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
+    rows: dict[int, Row] = field(default_factory=dict)
+    errors: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.delta > 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        self.available = Availability(self.layers, self.has_cfg)
+        self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
+
+    def begin_step(self, step: int) -> None:
+        self.rows.setdefault(step, [Strategy.FULL] * self.layers)
+
+    def end_step(self, step: int) -> None:
+        self.available.written(step, self.rows[step])
+
+    def decided(self, step: int, layer: int) -> Strategy | None:
+        return self.rows.get(step, [None] * self.layers)[layer] if (step, layer) in self.errors else None
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        ctx: CallContext,
+        state: RunState,
+        dense: DenseFn,
+        **layout,
+    ) -> torch.Tensor:
+        """Choose (once per step and layer) and compute this layer's attention."""
+        step = ctx.step
+        chosen = self.decided(step, layer)
+        if chosen is None:
+            chosen = Strategy.FULL
+            if step > 0:
+                with state.read_only():
+                    reference = attend(q, k, v, Strategy.FULL, layer, ctx, state, dense=dense, **layout)
+                    for cand in self.candidates:
+                        if not self.available.valid(step, layer, cand):
+                            continue
+                        misses = state.misses
+                        out = attend(q, k, v, cand, layer, ctx, state, dense=dense, **layout)
+                        if state.misses != misses:
+                            continue  # the cache it needs is not there for these rows
+                        err = relative_l1(reference, out)
+                        if err < budget(layer, self.layers, self.delta):
+                            chosen = cand
+                            self.errors[(step, layer)] = err
+                            break
+            self.errors.setdefault((step, layer), 0.0)
+            self.rows[step][layer] = chosen
+        return attend(q, k, v, chosen, layer, ctx, state, dense=dense, **layout)
+
+
+def schedule_from_rows(rows: dict[int, Row], steps: int, layers: int):
+    """The calibrated table; steps that were never run (skipped calls) are all FULL."""
+    from .schedule import Schedule
+
+    full = (Strategy.FULL,) * layers
+    return Schedule(tuple(tuple(rows.get(step, full)) for step in range(steps)))

@@ -1,0 +1,110 @@
+"""Calibrate a plan inside ComfyUI: one sampling run with the user's own model and settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..calibrate import FAST, MODES, schedule_from_rows
+from ..plan import Calibration, Plan
+from ..strategies import Strategy
+from ..window import WindowSpec
+from .hook import CalibrationSink, calibration_patch, model_family
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """A KSampler's inputs plus what calibration needs."""
+
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    denoise: float = 1.0
+    delta: float = 0.1
+    mode: str = FAST
+    candidates: tuple[Strategy, ...] = (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC)
+    window: WindowSpec = WindowSpec()
+    samples: int = 1
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.delta > 0:
+            raise ValueError(f"delta must be > 0 (the allowed mean relative error), got {self.delta}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.candidates:
+            raise ValueError("choose at least one candidate strategy")
+        if self.cfg == 1.0 and all(c.shares_cfg for c in self.candidates):
+            raise ValueError("cfg = 1 has no unconditional branch, so ASC candidates alone cannot "
+                             "compress anything: add AST or WA_RS, or raise cfg")
+        if not 1 <= self.samples <= 64:
+            raise ValueError(f"samples must be in [1, 64], got {self.samples}")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+
+
+@dataclass
+class CalibrationResult:
+    plan: Plan
+    samples: torch.Tensor
+    stats: dict[str, int]
+
+    def summary(self) -> str:
+        cost = self.plan.cost()
+        delta = self.plan.calibration.delta
+        return (
+            f"{self.plan.calibration.mode} calibration, delta {delta}: {cost.describe()}; "
+            f"{self.plan.steps} steps x {self.plan.layers} layers, grid {self.plan.grid}"
+        )
+
+
+def calibrate(
+    model: Any,
+    positive: list,
+    negative: list,
+    latent: dict,
+    request: CalibrationRequest,
+    on_progress: Callable[[], None] | None = None,
+) -> CalibrationResult:
+    """Sample once with calibration on; returns the plan and the latent it produced."""
+    import comfy.sample
+
+    family, layers = model_family(model)
+    sink = CalibrationSink()
+    patched = calibration_patch(
+        model, mode=request.mode, delta=request.delta, candidates=request.candidates,
+        window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress,
+    )
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if request.samples > 1:
+        latent_image = latent_image.repeat(request.samples, *([1] * (latent_image.dim() - 1)))
+    noise = torch.cat([
+        comfy.sample.prepare_noise(latent_image[i : i + 1], request.seed + i)
+        for i in range(latent_image.shape[0])
+    ])
+    samples = comfy.sample.sample(
+        patched, noise, request.steps, request.cfg, request.sampler_name, request.scheduler,
+        positive, negative, latent_image, denoise=request.denoise, noise_mask=latent.get("noise_mask"),
+        seed=request.seed, disable_pbar=True,
+    )
+    if sink.calibrator is None or sink.sample_sigmas is None:
+        raise RuntimeError("the sampler never called the model: nothing was calibrated")
+    steps = len(sink.sample_sigmas) - 1
+    plan = Plan(
+        schedule=schedule_from_rows(sink.calibrator.rows, steps, layers),
+        family=family.name,
+        sigmas=tuple(sink.sample_sigmas),
+        sampler=request.sampler_name,
+        scheduler=request.scheduler,
+        cfg=float(request.cfg),
+        denoise=float(request.denoise),
+        grid=sink.grid,
+        window=request.window,
+        calibration=Calibration(mode=request.mode, delta=request.delta, samples=latent_image.shape[0]),
+    )
+    return CalibrationResult(plan=plan, samples=samples, stats=sink.stats)
