@@ -70,6 +70,7 @@ def calibrate(
     latent: dict,
     request: CalibrationRequest,
     on_progress: Callable[[], None] | None = None,
+    callback: Callable[..., None] | None = None,
 ) -> CalibrationResult:
     """Sample once with calibration on; returns the plan and the latent it produced."""
     import comfy.sample
@@ -81,6 +82,8 @@ def calibrate(
         window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress,
     )
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if request.samples > 1 and latent.get("noise_mask") is not None:
+        raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
     if request.samples > 1:
         latent_image = latent_image.repeat(request.samples, *([1] * (latent_image.dim() - 1)))
     noise = torch.cat([
@@ -90,7 +93,7 @@ def calibrate(
     samples = comfy.sample.sample(
         patched, noise, request.steps, request.cfg, request.sampler_name, request.scheduler,
         positive, negative, latent_image, denoise=request.denoise, noise_mask=latent.get("noise_mask"),
-        seed=request.seed, disable_pbar=True,
+        seed=request.seed, disable_pbar=True, callback=callback,
     )
     if sink.calibrator is None or sink.sample_sigmas is None:
         raise RuntimeError("the sampler never called the model: nothing was calibrated")

@@ -1,0 +1,102 @@
+"""Calibrate FastAttn Plan: a KSampler that also chooses a strategy per (step, layer)."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import io
+
+from ..ditfastattn_core.calibrate import FAST, MODES
+from ..ditfastattn_core.comfy_bridge import model_family
+from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
+from ..ditfastattn_core.kernels import kernel_names
+from ..ditfastattn_core.strategies import Strategy
+from ..ditfastattn_core.window import WindowSpec
+from .types import Plan, plan_ui
+
+WINDOWS = {
+    "band 1/8 (paper)": WindowSpec(),
+    "band 1/8, 256-token tiles (fast on CPU)": WindowSpec(tile=(256,)),
+    "2D box 1/8": WindowSpec(dims=2, extent=(0.125, 0.125)),
+    "2D box 1/8, 8x8 tiles": WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)),
+    "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
+    "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
+}
+CANDIDATE_INPUTS = {
+    "use_ast": (Strategy.AST, "AST: reuse a layer's output from the previous step."),
+    "use_wa_rs_asc": (Strategy.WA_RS_ASC, "WA-RS + ASC: window attention with residual, cond rows only."),
+    "use_wa_rs": (Strategy.WA_RS, "WA-RS: window attention plus the residual cached at the last full step."),
+    "use_asc": (Strategy.ASC, "ASC: attention for the conditional rows only, copied to the unconditional."),
+}
+
+
+class CalibratePlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DiTFastAttn_Calibrate",
+            display_name="Calibrate FastAttn Plan",
+            category="model_patches/ditfastattn",
+            description="Sample once like a KSampler while choosing, for every step and attention layer, "
+            "the cheapest technique whose output error stays within delta. Outputs the plan and the "
+            "latent the compressed model produced.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=1000),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("delta", default=0.1, min=0.001, max=10.0, step=0.005,
+                               tooltip="delta: allowed mean relative error of the model output (the "
+                               "paper's threshold; layer i may use up to (i+1)/L of it). Larger is faster."),
+                io.Combo.Input("mode", options=list(MODES), default=FAST,
+                               tooltip="fast: one forward per step, local errors (about one generation). "
+                               "paper: the paper's greedy search on the whole output (4L+2 forwards per step)."),
+                *[io.Boolean.Input(name, default=True, tooltip=tip) for name, (_, tip) in CANDIDATE_INPUTS.items()],
+                io.Combo.Input("window", options=list(WINDOWS), default="band 1/8 (paper)",
+                               tooltip="The window of WA-RS; stored in the plan."),
+                io.Int.Input("samples", default=1, min=1, max=64,
+                             tooltip="Calibrate on this many seeds (seed, seed+1, ...) at once: one joint decision."),
+                io.Combo.Input("window_kernel", options=kernel_names(), default="auto"),
+            ],
+            outputs=[Plan.Output(), io.Latent.Output(), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                denoise, delta, mode, use_ast, use_wa_rs_asc, use_wa_rs, use_asc, window, samples,
+                window_kernel) -> io.NodeOutput:
+        if window not in WINDOWS:
+            raise ValueError(f"unknown window {window!r}; choose one of {list(WINDOWS)}")
+        chosen = dict(use_ast=use_ast, use_wa_rs_asc=use_wa_rs_asc, use_wa_rs=use_wa_rs, use_asc=use_asc)
+        candidates = tuple(CANDIDATE_INPUTS[k][0] for k, on in chosen.items() if on)
+        request = CalibrationRequest(
+            seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+            delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,
+            kernel=window_kernel,
+        )
+        _, layers = model_family(model)
+        per_step = 4 * layers + 2 if mode != FAST else 1
+        pbar = comfy.utils.ProgressBar(steps * per_step)
+
+        def on_trial():
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update(1)
+
+        def on_step(step, *args):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute((step + 1) * per_step)
+
+        result = calibrate(model, positive, negative, latent_image, request, on_progress=on_trial, callback=on_step)
+        out = latent_image.copy()
+        out["samples"] = result.samples
+        if samples > 1:
+            out.pop("batch_index", None)
+        summary = result.summary()
+        return io.NodeOutput(result.plan, out, summary, ui=plan_ui(result.plan, summary))
