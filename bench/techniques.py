@@ -1,0 +1,142 @@
+"""The paper's Table 2 on PixArt-Sigma-XL's architecture in real ComfyUI (random weights,
+depth reduced: per-layer ratios are what count), at 1024^2 and 2048^2 images.
+
+Per technique (every layer of step 1 uses it, after a FULL step 0):
+- attention FLOPs % of FULL (the cost model, the window's true key count);
+- attention latency % of FULL: the self-attention op alone (q, k, v -> output through the
+  engine, CFG batch of 2, the kernel auto picks), median of repeats;
+- their ratio (1.00 = the technique is as efficient per FLOP as dense attention);
+- model-call time % of the unpatched model (the whole PixArt forward, CFG batch of 2);
+- cache memory per layer that the technique needs.
+Plus the hook's overhead: an all-FULL plan vs the unpatched model.
+
+    COMFYUI_PATH=~/comfyui python bench/techniques.py [--sizes 1024 2048] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from comfy_setup import import_comfy, median_time, pixart_sigma_xl, text_cond
+
+TECHNIQUES = ["FULL", "ASC", "WA_RS", "WA_RS_ASC", "AST"]
+
+
+def attention_latency(n_side: int, repeats: int, window):
+    import torch
+    import torch.nn.functional as F
+
+    from ditfastattn_core import CallContext, RunState, Schedule, Strategy, TokenLayout, attend
+
+    tokens = TokenLayout.image_only((n_side, n_side))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, tokens.seq_len, 72, generator=g) for _ in range(3))
+    dense = F.scaled_dot_product_attention
+    out = {}
+    for name in TECHNIQUES:
+        s = Strategy[name]
+        state = RunState(Schedule.from_letters(["F", s.letter]))
+        attend(q, k, v, Strategy.FULL, 0, CallContext(0, (1, 0), tokens, window), state, dense=dense)
+        mem = state.cache_bytes()
+        ctx = CallContext(1, (1, 0), tokens, window)
+        with state.read_only():  # time step 1 repeatedly on the same caches
+            step1 = functools.partial(attend, q, k, v, s, 0, ctx, state, dense=dense)
+            out[name] = (median_time(step1, repeats), mem)
+    return out, window.bind(tokens).fraction
+
+
+def model_call_times(latent_side: int, depth: int, repeats: int, window):
+    import comfy.patcher_extension
+    import comfy.sample
+    import torch
+
+    from ditfastattn_core import Plan, Schedule
+    from ditfastattn_core.comfy_bridge import apply_fastattn
+
+    base = pixart_sigma_xl(depth)
+    latent = torch.zeros(1, 4, latent_side, latent_side)
+    pos, neg = text_cond(1), text_cond(2)
+
+    def timed_model(model):
+        calls = []
+
+        def timer(executor, *args, **kwargs):
+            import time
+
+            t0 = time.perf_counter()
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                calls.append(time.perf_counter() - t0)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
+        return m, calls
+
+    def step1_time(model) -> float:
+        m, calls = timed_model(model)
+        samples = []
+        for r in range(repeats + 1):
+            calls.clear()
+            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(r))
+            comfy.sample.sample(m, noise, 2, 4.5, "euler", "normal", pos, neg, latent, seed=r, disable_pbar=True)
+            if r:
+                samples.append(calls[1])
+        samples.sort()
+        return samples[len(samples) // 2]
+
+    plain = step1_time(base)
+    result = {}
+    for name in TECHNIQUES:
+        letter = {"FULL": "F", "ASC": "C", "WA_RS": "W", "WA_RS_ASC": "X", "AST": "T"}[name]
+        plan = Plan(schedule=Schedule.from_letters(["F" * depth, letter * depth]), family="pixart",
+                    sigmas=(1.0, 0.5, 0.0), cfg=4.5, window=window)
+        result[name] = step1_time(apply_fastattn(base, plan))
+    return plain, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sizes (latent = size/8)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=256, help="window tile (0: the exact paper band)")
+    ap.add_argument("--no-model", action="store_true", help="attention timings only")
+    ap.add_argument("--model-repeats", type=int, default=None, help="repeats of the model-call timing")
+    args = ap.parse_args()
+    import_comfy()
+    import torch
+
+    from ditfastattn_core import Strategy, WindowSpec, strategy_cost
+
+    window = WindowSpec(tile=(args.tile,)) if args.tile else WindowSpec()
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, PixArt-Sigma-XL width, depth "
+          f"{args.depth}, window {window}, median of {args.repeats}")
+    for size in args.sizes:
+        side = size // 16  # latent = size/8, patch 2
+        att, frac = attention_latency(side, args.repeats, window)
+        full_t = att["FULL"][0]
+        plain = calls = None
+        if not args.no_model:
+            plain, calls = model_call_times(size // 8, args.depth, args.model_repeats or args.repeats, window)
+        print(f"\n{size}x{size}: {side * side} tokens, window fraction {frac:.3f}, dense attention "
+              f"{full_t * 1e3:.0f} ms (CFG batch 2)")
+        head = f"{'technique':<11} {'attn FLOPs':>10} {'attn time':>10} {'time/FLOPs':>10} {'model call':>10} {'cache/layer':>12}"
+        print(head)
+        print("-" * len(head))
+        for name in TECHNIQUES:
+            s = Strategy[name]
+            flops = strategy_cost(s, frac, has_cfg=True)
+            t = att[name][0] / full_t
+            ratio = f"{t / flops:>10.2f}" if flops else f"{'-':>10}"
+            model = f"{calls[name] / plain:>10.1%}" if calls else f"{'-':>10}"
+            mem = att[name][1] / 2**20
+            print(f"{name:<11} {flops:>10.1%} {t:>10.1%} {ratio} {model} {mem:>9.1f} MiB")
+        if calls:
+            print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'] / plain - 1:+.2%} "
+                  f"({calls['FULL']:.3f} s vs {plain:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
