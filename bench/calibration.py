@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from comfy_setup import import_comfy, median_time, pixart_sigma_xl, text_cond
+from comfy_setup import import_comfy, pixart_sigma_xl, text_cond
+from timing import median_time
 
 
 def main() -> None:

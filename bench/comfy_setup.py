@@ -5,9 +5,7 @@ weights (attention cost does not depend on the values)."""
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +47,3 @@ def text_cond(seed: int, tokens: int = 120, dim: int = 4096):
     import torch
 
     return [[torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(seed)), {}]]
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,22 +21,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import paired_ratio  # noqa: E402
+
 from ditfastattn_core.kernels import KERNELS  # noqa: E402
 from ditfastattn_core.kernels.blocked import block_layout_stats  # noqa: E402
 from ditfastattn_core.kernels.flex import flex_window_attention  # noqa: E402
 from ditfastattn_core.window import TokenLayout, WindowSpec  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 72
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: builds cached block layouts / masks, compiles
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def cases(sizes: list[int], video: bool):
@@ -73,7 +63,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     print(f"torch {torch.__version__}, {args.device}, {dtype}, threads {torch.get_num_threads()}, "
-          f"{HEADS} heads x {HEAD_DIM}, median of {args.repeats}")
+          f"{HEADS} heads x {HEAD_DIM}, median of {args.repeats} paired runs (dense, kernel, dense, kernel, ...)")
     header = f"{'case':<18} {'window':<22} {'kernel':<14} {'FLOPs frac':>10} {'time/dense':>10} {'time/FLOPs':>10}"
     print(header)
     print("-" * len(header))
@@ -86,15 +76,15 @@ def bench_case(name, layout, specs, args, dtype, sync) -> None:
     q, k, v = (torch.randn(1, HEADS, layout.seq_len, HEAD_DIM, generator=g, device=args.device, dtype=dtype)
                for _ in range(3))
 
-    def timed(fn):
+    def synced(fn):
         def run():
             fn()
             sync()
-        return median_time(run, args.repeats)
+        return run
 
-    dense = timed(lambda: F.scaled_dot_product_attention(q, k, v))
-    print(f"{name:<18} {'(dense SDPA)':<22} {'sdpa':<14} {1.0:>10.3f} {1.0:>10.3f} {1.0:>10.3f}"
-          f"   [{dense * 1e3:.0f} ms]")
+    dense = synced(functools.partial(F.scaled_dot_product_attention, q, k, v))
+    dense()
+    print(f"{name:<18} {'(dense SDPA)':<22} {'sdpa':<14} {1.0:>10.3f} {1.0:>10.3f} {1.0:>10.3f}")
     for label, spec in specs:
         w = spec.bind(layout)
         kernels = []
@@ -105,11 +95,11 @@ def bench_case(name, layout, specs, args, dtype, sync) -> None:
         if args.flex_compiled and args.device == "cpu" and KERNELS["flex"].available():
             kernels.append(("flex-compiled", functools.partial(flex_window_attention, q, k, v, w, compiled=True)))
         for kname, fn in kernels:
-            t = timed(fn) / dense
-            extra = ""
+            t, dense_time = paired_ratio(synced(fn), dense, args.repeats)
+            extra = f"   [dense {dense_time * 1e3:.0f} ms]"
             if kname == "blocked":
                 stats = block_layout_stats(w)
-                extra = f"   computed {stats['computed_fraction']:.3f}, {stats['sdpa_calls']} calls"
+                extra += f" computed {stats['computed_fraction']:.3f}, {stats['sdpa_calls']} calls"
             print(f"{'':<18} {label:<22} {kname:<14} {w.fraction:>10.3f} {t:>10.3f} {t / w.fraction:>10.3f}{extra}")
     print()
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 
-from comfy_setup import import_comfy, median_time, pixart_sigma_xl, text_cond
+from comfy_setup import import_comfy, pixart_sigma_xl, text_cond
+from timing import paired_ratio
 
 TECHNIQUES = ["FULL", "ASC", "WA_RS", "WA_RS_ASC", "AST"]
 
 
 def attention_latency(n_side: int, repeats: int, window):
+    """Per technique: (latency relative to FULL, paired; cache bytes), and FULL's time."""
     import torch
     import torch.nn.functional as F
 
@@ -33,17 +36,20 @@ def attention_latency(n_side: int, repeats: int, window):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 16, tokens.seq_len, 72, generator=g) for _ in range(3))
     dense = F.scaled_dot_product_attention
-    out = {}
+    step1, memory = {}, {}
     for name in TECHNIQUES:
         s = Strategy[name]
         state = RunState(Schedule.from_letters(["F", s.letter]))
         attend(q, k, v, Strategy.FULL, 0, CallContext(0, (1, 0), tokens, window), state, dense=dense)
-        mem = state.cache_bytes()
-        ctx = CallContext(1, (1, 0), tokens, window)
-        with state.read_only():  # time step 1 repeatedly on the same caches
-            step1 = functools.partial(attend, q, k, v, s, 0, ctx, state, dense=dense)
-            out[name] = (median_time(step1, repeats), mem)
-    return out, window.bind(tokens).fraction
+        memory[name] = state.cache_bytes()
+        state.frozen = True  # time step 1 repeatedly on the same caches
+        step1[name] = functools.partial(attend, q, k, v, s, 0, CallContext(1, (1, 0), tokens, window), state,
+                                        dense=dense)
+    out, full_time = {}, None
+    for name in TECHNIQUES:
+        ratio, full_time = paired_ratio(step1[name], step1["FULL"], repeats)
+        out[name] = (ratio, memory[name])
+    return out, window.bind(tokens).fraction, full_time
 
 
 def model_call_times(latent_side: int, depth: int, repeats: int, window):
@@ -74,26 +80,26 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
         return m, calls
 
-    def step1_time(model) -> float:
+    def step1_time(model, r: int) -> float:
         m, calls = timed_model(model)
-        samples = []
-        for r in range(repeats + 1):
-            calls.clear()
-            noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(r))
-            comfy.sample.sample(m, noise, 2, 4.5, "euler", "normal", pos, neg, latent, seed=r, disable_pbar=True)
-            if r:
-                samples.append(calls[1])
-        samples.sort()
-        return samples[len(samples) // 2]
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(r))
+        comfy.sample.sample(m, noise, 2, 4.5, "euler", "normal", pos, neg, latent, seed=r, disable_pbar=True)
+        return calls[1]
 
-    plain = step1_time(base)
-    result = {}
+    result, plain_times = {}, []
     for name in TECHNIQUES:
         letter = {"FULL": "F", "ASC": "C", "WA_RS": "W", "WA_RS_ASC": "X", "AST": "T"}[name]
         plan = Plan(schedule=Schedule.from_letters(["F" * depth, letter * depth]), family="pixart",
                     sigmas=(1.0, 0.5, 0.0), cfg=4.5, window=window)
-        result[name] = step1_time(apply_fastattn(base, plan))
-    return plain, result
+        patched = apply_fastattn(base, plan)
+        step1_time(patched, 0)  # warm-up
+        ratios = []
+        for r in range(repeats):
+            plain = step1_time(base, r)
+            ratios.append(step1_time(patched, r) / plain)
+            plain_times.append(plain)
+        result[name] = statistics.median(ratios)
+    return statistics.median(plain_times), result
 
 
 def main() -> None:
@@ -115,8 +121,7 @@ def main() -> None:
           f"{args.depth}, window {window}, median of {args.repeats}")
     for size in args.sizes:
         side = size // 16  # latent = size/8, patch 2
-        att, frac = attention_latency(side, args.repeats, window)
-        full_t = att["FULL"][0]
+        att, frac, full_t = attention_latency(side, args.repeats, window)
         plain = calls = None
         if not args.no_model:
             plain, calls = model_call_times(size // 8, args.depth, args.model_repeats or args.repeats, window)
@@ -128,14 +133,14 @@ def main() -> None:
         for name in TECHNIQUES:
             s = Strategy[name]
             flops = strategy_cost(s, frac, has_cfg=True)
-            t = att[name][0] / full_t
+            t = att[name][0]
             ratio = f"{t / flops:>10.2f}" if flops else f"{'-':>10}"
-            model = f"{calls[name] / plain:>10.1%}" if calls else f"{'-':>10}"
+            model = f"{calls[name]:>10.1%}" if calls else f"{'-':>10}"
             mem = att[name][1] / 2**20
             print(f"{name:<11} {flops:>10.1%} {t:>10.1%} {ratio} {model} {mem:>9.1f} MiB")
         if calls:
-            print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'] / plain - 1:+.2%} "
-                  f"({calls['FULL']:.3f} s vs {plain:.3f} s)")
+            print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'] - 1:+.2%} "
+                  f"(unpatched call {plain:.2f} s)")
 
 
 if __name__ == "__main__":

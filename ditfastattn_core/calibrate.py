@@ -11,8 +11,13 @@ forward with the chosen row advances the latent. Step 0 is all FULL.
 
 Fast mode (beyond the paper, after DiTFastAttnV2's idea): during the single writing forward of
 a step, each layer computes FULL and every candidate on the same q, k, v, and keeps the
-cheapest whose *local* error (relative L1 of the attention output) is under the same
-cumulative budget shape. Calibration then costs about one generation plus the extra attention.
+cheapest whose *local* error (relative L1 of the attention output, times a sensitivity scale)
+is under the same cumulative budget shape. A local error overstates what reaches the model
+output (the residual stream and the output projection damp it), so the scale is learned on the
+fly: the caller may also run the step's all-FULL reference (read-only) and report the writing
+forward's whole-output loss with ``feedback``; the scale then moves the next step's choices
+towards the paper's criterion (whole-output loss = delta). Without feedback the scale stays 1
+(conservative). Cost: one or two forwards per step plus the extra attention.
 """
 
 from __future__ import annotations
@@ -67,24 +72,28 @@ class Availability:
 
 
 @dataclass
-class PaperCalibrator:
+class _Calibrator:
     layers: int
     delta: float
     has_cfg: bool
     candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
     rows: dict[int, Row] = field(default_factory=dict)
-    losses: dict[int, float] = field(default_factory=dict)
-    on_trial: Callable[[], None] | None = None
-    """Called after each trial forward (progress, cancellation)."""
-    miss_count: Callable[[], int] | None = None
-    """Reads the run's cache-miss counter: a trial with misses silently ran dense somewhere,
-    so its low loss says nothing about the candidate."""
 
     def __post_init__(self) -> None:
         if not self.delta > 0:
             raise ValueError(f"delta must be > 0, got {self.delta}")
         self.available = Availability(self.layers, self.has_cfg)
         self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
+
+
+@dataclass
+class PaperCalibrator(_Calibrator):
+    losses: dict[int, float] = field(default_factory=dict)
+    on_trial: Callable[[], None] | None = None
+    """Called after each trial forward (progress, cancellation)."""
+    miss_count: Callable[[], int] | None = None
+    """Reads the run's cache-miss counter: a trial with misses silently ran dense somewhere,
+    so its low loss says nothing about the candidate."""
 
     def calibrate_step(self, step: int, forward: ForwardFn) -> torch.Tensor:
         """Decide this step's row, then run it once for real; returns that output."""
@@ -118,21 +127,26 @@ class PaperCalibrator:
 
 
 @dataclass
-class FastCalibrator:
+class FastCalibrator(_Calibrator):
     """Chooses each layer's strategy inside the step's single forward, from local errors."""
 
-    layers: int
-    delta: float
-    has_cfg: bool
-    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
-    rows: dict[int, Row] = field(default_factory=dict)
     errors: dict[tuple[int, int], float] = field(default_factory=dict)
+    scale: float = 1.0
+    """Local error -> whole-output error factor; learned from ``feedback``."""
+    step_losses: dict[int, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not self.delta > 0:
-            raise ValueError(f"delta must be > 0, got {self.delta}")
-        self.available = Availability(self.layers, self.has_cfg)
-        self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
+    MIN_SCALE, MAX_SCALE, MAX_MOVE = 1e-3, 1e3, 4.0
+
+    def feedback(self, step: int, loss: float) -> None:
+        """The whole-output loss of this step's writing forward vs its all-FULL reference."""
+        self.step_losses[step] = loss
+        row = self.rows.get(step, [])
+        if all(s is Strategy.FULL for s in row) and loss == 0.0:
+            self.scale = max(self.MIN_SCALE, self.scale / self.MAX_MOVE)  # nothing passed: loosen
+            return
+        move = (max(loss, 1e-12) / self.delta) ** 0.5
+        move = min(self.MAX_MOVE, max(1 / self.MAX_MOVE, move))
+        self.scale = min(self.MAX_SCALE, max(self.MIN_SCALE, self.scale * move))
 
     def begin_step(self, step: int) -> None:
         self.rows.setdefault(step, [Strategy.FULL] * self.layers)
@@ -170,7 +184,7 @@ class FastCalibrator:
                         if state.misses != misses:
                             continue  # the cache it needs is not there for these rows
                         err = relative_l1(reference, out)
-                        if err < budget(layer, self.layers, self.delta):
+                        if err * self.scale < budget(layer, self.layers, self.delta):
                             chosen = cand
                             self.errors[(step, layer)] = err
                             break

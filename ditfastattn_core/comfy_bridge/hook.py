@@ -24,6 +24,7 @@ import torch
 from ..calibrate import FAST, FastCalibrator, PaperCalibrator
 from ..context import CallContext
 from ..engine import attend
+from ..loss import relative_l1
 from ..plan import Plan
 from ..state import RunState
 from ..steps import STRICT, StepMapper
@@ -241,7 +242,8 @@ class ModelCall:
         if self.step is None:
             return passthrough()
         strategy = run.strategy(self.step, layer)
-        if strategy is Strategy.FULL and run.fast is None and not _keeps_anything(state, self.step, layer):
+        deciding = run.fast is not None and run.row_override is None
+        if strategy is Strategy.FULL and not deciding and not _keeps_anything(state, self.step, layer):
             return passthrough()
         if not skip_reshape and v.dim() == 4:  # SD3 passes v as (B, L, H, D)
             v = v.reshape(v.shape[0], v.shape[1], -1)
@@ -253,7 +255,7 @@ class ModelCall:
             kernel=run.config.kernel,
         )
         layout = dict(heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
-        if run.fast is not None:
+        if deciding:
             return run.fast.attention(q, k, v, layer, ctx, state, dense, **layout)
         return attend(q, k, v, strategy, layer, ctx, state, dense=dense, **layout)
 
@@ -372,26 +374,28 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
 
 
 def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    """Paper calibration: at each step, the reference, the trials (read-only) and the one
-    writing forward all run here, on every CFG branch at once, so that the loss is the
-    paper's whole-model output error whether ComfyUI batches cond and uncond or not."""
+    """Calibration runs here, on every CFG branch at once, so that losses are the paper's
+    whole-model output error whether ComfyUI batches cond and uncond or not.
+
+    Paper mode: the reference, the trials (read-only) and the one writing forward of a step.
+    Fast mode: the all-FULL reference (read-only), then the writing forward in which each
+    layer chooses from local errors; its whole-output loss feeds the sensitivity scale."""
     run: FastAttnRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
-    if run is None or not run.calibrating or run.fast is not None:
+    if run is None or not run.calibrating:
         return executor(model, conds, x_in, timestep, model_options)
     has_cfg = len(conds) > 1 and any(c is not None for c in conds[1:])
-    paper = run.paper or run.calibrator(has_cfg)
-    if not isinstance(paper, PaperCalibrator):
-        return executor(model, conds, x_in, timestep, model_options)
+    cal = run.paper or run.fast or run.calibrator(has_cfg)
     step = run.steps.plan_step(float(timestep.reshape(-1)[0]))
-    if step is None or step in paper.rows:  # off-schedule, or a second call of a decided step
-        run.row_override = paper.rows.get(step) if step is not None else None
+    decided = cal.rows if isinstance(cal, PaperCalibrator) else cal.step_losses
+    if step is None or step in decided:  # off-schedule, or a second call of a decided step
+        run.row_override = cal.rows.get(step) if step is not None else None
         try:
             return executor(model, conds, x_in, timestep, model_options)
         finally:
             run.row_override = None
     written: list = []
 
-    def forward(row: list[Strategy], write: bool) -> torch.Tensor:
+    def forward(row: list[Strategy] | None, write: bool) -> torch.Tensor:
         run.row_override = row
         try:
             if write:
@@ -404,7 +408,14 @@ def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_optio
             run.row_override = None
         return torch.cat([o.reshape(-1) for o in outs if o is not None])
 
-    paper.calibrate_step(step, forward)
+    if isinstance(cal, PaperCalibrator):
+        cal.calibrate_step(step, forward)
+    elif step == 0:  # all FULL: nothing to choose, nothing to learn from
+        forward(None, True)
+        cal.step_losses[step] = 0.0
+    else:
+        reference = forward([Strategy.FULL] * cal.layers, False)
+        cal.feedback(step, relative_l1(reference, forward(None, True)))
     return written[-1]
 
 

@@ -19,3 +19,17 @@ def comfy_nodes():
     import nodes
 
     return nodes
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory, comfy_nodes):
+    """The pack loaded by ComfyUI's own custom-node loader: its node classes by id."""
+    import asyncio
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    link = tmp_path_factory.mktemp("custom_nodes") / "comfyui-ditfastattn"
+    os.symlink(root, link)
+    assert asyncio.run(comfy_nodes.load_custom_node(str(link))), "ComfyUI refused to load the pack"
+    return {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DiTFastAttn_")}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,6 @@ from .tiny import flux
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory, comfy_nodes):
-    custom = tmp_path_factory.mktemp("custom_nodes")
-    link = custom / "comfyui-ditfastattn"
-    os.symlink(ROOT, link)
-    assert asyncio.run(comfy_nodes.load_custom_node(str(link)))
-    return {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DiTFastAttn_")}
-
-
 @pytest.fixture
 def plans_dir(tmp_path, monkeypatch):
     import folder_paths
@@ -32,10 +21,6 @@ def plans_dir(tmp_path, monkeypatch):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "fastattn_plans", ([str(tmp_path), *paths[1:]], exts))
     folder_paths.filename_list_cache.pop("fastattn_plans", None)
     return tmp_path
-
-
-def test_node_ids_carry_the_pack_prefix(pack):
-    assert set(pack) == {"DiTFastAttn_Calibrate", "DiTFastAttn_Apply", "DiTFastAttn_LoadPlan", "DiTFastAttn_SavePlan"}
 
 
 def test_calibrate_save_load_apply_sample(pack, plans_dir):

@@ -90,6 +90,20 @@ def _three(length_a, length_b, dim, **extra_fn):
             _text(length_b, dim, 3, **extra(3, length_b)))
 
 
+def pixart_alpha() -> Tiny:
+    cfg = {"image_model": "pixart_alpha", "patch_size": 2, "num_heads": 2, "hidden_size": 96, "in_channels": 4,
+           "depth": 2, "caption_channels": 32, "model_max_length": 16, "micro_condition": True}
+    size = {"width": lambda s, n: 320, "height": lambda s, n: 256}
+    return Tiny("pixart_alpha", _build("PixArtAlpha", cfg), torch.zeros(1, 4, 32, 40), *_three(8, 7, 32, **size))
+
+
+def wan22() -> Tiny:
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 48, "num_heads": 2, "ffn_dim": 128,
+           "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+           "cross_attn_norm": True, "eps": 1e-6, "in_dim": 48, "text_dim": 32}
+    return Tiny("wan22", _build("WAN22_T2V", cfg), torch.zeros(1, 48, 3, 8, 12), *_three(8, 7, 32))
+
+
 def flux_kontext() -> Tiny:
     t = flux()
     ref = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(9))
@@ -187,7 +201,7 @@ def cosmos() -> Tiny:
 
 
 BUILDERS = {
-    "pixart": pixart, "flux": flux, "flux_kontext": flux_kontext, "chroma": chroma, "sd3": sd3, "wan": wan,
+    "pixart": pixart, "pixart_alpha": pixart_alpha, "wan22": wan22, "flux": flux, "flux_kontext": flux_kontext, "chroma": chroma, "sd3": sd3, "wan": wan,
     "wan_i2v": wan_i2v, "hunyuan_video": hunyuan_video, "ltxv": ltxv, "lumina2": lumina2, "qwen_image": qwen_image,
     "hidream": hidream, "cosmos": cosmos, "cosmos_predict2": cosmos_predict2,
 }

@@ -1,0 +1,34 @@
+"""Timing helpers shared by the benchmarks: medians, and ratios of back-to-back pairs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired_ratio(fn, baseline, repeats: int) -> tuple[float, float]:
+    """Median of time(fn) / time(baseline) over back-to-back pairs, and baseline's median
+    time. Pairing cancels most of the drift of a shared, noisy machine."""
+    fn()
+    baseline()  # warm-up: cached block layouts and masks, compilation
+    ratios, base = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        baseline()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+        base.append(t1 - t0)
+    return statistics.median(ratios), statistics.median(base)
