@@ -86,11 +86,14 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
         comfy.sample.sample(m, noise, 2, 4.5, "euler", "normal", pos, neg, latent, seed=r, disable_pbar=True)
         return calls[1]
 
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 2).tolist()
     result, plain_times = {}, []
     for name in TECHNIQUES:
         letter = {"FULL": "F", "ASC": "C", "WA_RS": "W", "WA_RS_ASC": "X", "AST": "T"}[name]
         plan = Plan(schedule=Schedule.from_letters(["F" * depth, letter * depth]), family="pixart",
-                    sigmas=(1.0, 0.5, 0.0), cfg=4.5, window=window)
+                    sigmas=tuple(sigmas), sampler="euler", scheduler="normal", cfg=4.5, window=window)
         patched = apply_fastattn(base, plan)
         step1_time(patched, 0)  # warm-up
         ratios = []

@@ -58,6 +58,8 @@ class _Call:
         self.step = ctx.step
         self.chunks = ctx.chunks(q.shape[0])
         self.out: list[torch.Tensor | None] = [None] * len(self.chunks)
+        self.whole: torch.Tensor | None = None
+        """The output of a computation that covered every row, when there was one."""
         self._window = None
 
     def key(self, c: Chunk) -> tuple[int, int, int]:
@@ -86,14 +88,24 @@ class _Call:
             return chunks[0].rows
         return torch.cat([torch.arange(c.rows.start, c.rows.stop) for c in chunks]).to(self.q.device)
 
-    def run(self, chunks: list[Chunk], fn) -> list[torch.Tensor]:
-        """Run ``fn(q, k, v)`` once on the rows of ``chunks``; split the result per chunk."""
+    def run(self, chunks: list[Chunk], fn, result: bool = True) -> list[torch.Tensor]:
+        """Run ``fn(q, k, v)`` once on the rows of ``chunks``; split the result per chunk
+        (views, so that a result covering every row can be returned without a copy)."""
         if not chunks:
             return []
         rows = self.rows(chunks)
         o = fn(self.q[rows], self.k[rows], self.v[rows])
-        sizes = [c.size for c in chunks]
-        return list(o.split(sizes, dim=0))
+        if result and len(chunks) == len(self.chunks):
+            self.whole = o
+        return list(o.split([c.size for c in chunks], dim=0))
+
+    def assemble(self) -> torch.Tensor:
+        whole = self.whole
+        if whole is not None and all(
+            o.data_ptr() == whole[c.rows].data_ptr() for o, c in zip(self.out, self.chunks, strict=True)
+        ):
+            return whole
+        return self.out[0] if len(self.out) == 1 else torch.cat(self.out, dim=0)
 
     def window_fn(self, q, k, v):
         w = self.window()
@@ -129,6 +141,8 @@ def attend(
         out = call.dense(qh, kh, vh)
     else:
         out = _execute(call, strategy)
+        if skip_output_reshape and state.keeps_output(ctx.step, layer):
+            out = out.clone()  # the caller gets its own tensor; the cached one stays intact
     return from_heads(out, skip_output_reshape)
 
 
@@ -182,10 +196,10 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     refresh = [] if state.frozen else [
         i for i in dense_chunks if state.keeps_residual(step, layer, chunks[i].branch)
     ]
-    for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn), strict=True):
+    for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn, result=False), strict=True):
         state.put_residual(step, call.key(chunks[i]), call.out[i] - w)
     for i, w in zip(window_chunks, call.run([chunks[i] for i in window_chunks], call.window_fn), strict=True):
-        call.out[i] = w + residuals[i]
+        call.out[i] = w.add_(residuals[i])  # w is the kernel's fresh output
     for i, c in enumerate(chunks):
         if i not in refresh and not state.keeps_residual(step, layer, c.branch):
             state.drop_residual(call.key(c))
@@ -201,8 +215,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         else:
             state.drop_output(call.key(c))
         state.count(_action(i, copy_from, window_chunks, dense_chunks))
-    out = call.out[0] if len(chunks) == 1 else torch.cat(call.out, dim=0)
-    return out
+    return call.assemble()
 
 
 def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:

@@ -2,27 +2,21 @@
 in a ComfyUI process, so importing it elsewhere is harmless."""
 
 from .families import FAMILIES, Family, UnsupportedModelError, detect_family, layer_count
-from .hook import (
-    CalibrationSink,
-    FastAttnConfig,
-    PlanMismatchError,
-    apply_fastattn,
-    calibration_patch,
-    check_plan,
-    model_family,
-)
+from .install import apply_fastattn, calibration_patch, check_plan, model_family
+from .run import CalibrationSink, FastAttnConfig, FastAttnRun, PlanMismatchError
 
 __all__ = [
     "FAMILIES",
     "CalibrationSink",
-    "calibration_patch",
-    "model_family",
     "FastAttnConfig",
+    "FastAttnRun",
     "Family",
     "PlanMismatchError",
     "UnsupportedModelError",
     "apply_fastattn",
+    "calibration_patch",
     "check_plan",
     "detect_family",
     "layer_count",
+    "model_family",
 ]

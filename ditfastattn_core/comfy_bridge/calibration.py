@@ -12,7 +12,8 @@ from ..calibrate import FAST, MODES, schedule_from_rows
 from ..plan import Calibration, Plan
 from ..strategies import Strategy
 from ..window import WindowSpec
-from .hook import CalibrationSink, calibration_patch, model_family
+from .install import calibration_patch, model_family
+from .run import CalibrationSink
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,13 @@ def test_every_self_attention_layer_is_routed_once_per_step(tiny, caplog):
     sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "W"))))
     stats = run_stats(caplog)
     assert stats == {"dense": layers * 2, "window": (STEPS - 1) * layers * 2}
+
+
+def test_a_plan_for_other_settings_is_explained_once(tiny, caplog):
+    caplog.set_level(logging.WARNING, logger="ditfastattn")
+    plan = plan_for(tiny, uniform(tiny, "F"))
+    other = Plan(schedule=plan.schedule, family=plan.family, sigmas=plan.sigmas, grid=(3, 5), window=plan.window)
+    sample(tiny, apply_fastattn(tiny.patcher, other))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("token grid" in m for m in messages) == 1, messages
+    assert sum("noise schedule differs" in m for m in messages) == 1, messages

@@ -89,7 +89,7 @@ def test_bad_requests_are_refused():
 
 
 def test_cancel_mid_calibration_leaves_no_state(tiny):
-    from ditfastattn_core.comfy_bridge.hook import RUN_KEY
+    from ditfastattn_core.comfy_bridge.run import RUN_KEY
 
     ticks = []
 

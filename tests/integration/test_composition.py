@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ditfastattn_core.comfy_bridge import apply_fastattn
-from ditfastattn_core.comfy_bridge.hook import FastAttnRun
+from ditfastattn_core.comfy_bridge.run import FastAttnRun
 
 from .test_apply import STEPS, plan_for, run_stats, sample, uniform
 from .tiny import flux, pixart

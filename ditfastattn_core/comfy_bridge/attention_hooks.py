@@ -1,0 +1,92 @@
+"""Where attention calls enter the engine: the chained attention override (every family whose
+attention sees transformer_options) and attention-module patches (PixArt, whose attention
+never does)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .run import CALL_KEY, CallSlot, ModelCall
+
+
+def _chain(previous: Callable | None, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    if previous is not None:
+        return previous(func, *args, **kwargs)
+    return func(*args, **kwargs)
+
+
+def make_override(previous: Callable | None) -> Callable:
+    """An optimized_attention_override that compresses image self-attention and hands
+    everything else, and every dense computation, to ``previous`` (or the backend)."""
+
+    def fastattn_override(func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        call: ModelCall | None = options.get(CALL_KEY)
+        if call is None:
+            return _chain(previous, func, args, kwargs)
+        q, k, v = args[:3]
+        rest = dict(kwargs)
+        skip_reshape = bool(rest.pop("skip_reshape", False))
+        skip_output_reshape = bool(rest.pop("skip_output_reshape", False))
+        heads = args[3] if len(args) > 3 else rest.pop("heads", None)
+        rest.pop("heads", None)
+        mask = args[4] if len(args) > 4 else rest.pop("mask", None)
+        rest.pop("mask", None)
+        if heads is None:
+            heads = q.shape[1] if skip_reshape else 1
+
+        def dense(qh, kh, vh):
+            return _chain(previous, func, (qh, kh, vh, heads),
+                          {**rest, "skip_reshape": True, "skip_output_reshape": True})
+
+        return call.attention(
+            q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+            masked=mask is not None, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
+        )
+
+    fastattn_override.ditfastattn = True
+    fastattn_override.previous = previous
+    return fastattn_override
+
+
+def is_ours(override: Any) -> bool:
+    return getattr(override, "ditfastattn", False)
+
+
+# PixArt: attention module patches
+
+
+def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot) -> Callable:
+    """Forward of PixArt's AttentionKVCompress (the sr_ratio == 1 path, the only one PixArt
+    models use) with its attention op routed through the engine. Calls outside a FastAttn
+    model call, and masked calls, run the module's own forward."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    original = type(module).forward.__get__(module)
+    heads = module.num_heads
+
+    def dense(q, k, v):
+        return optimized_attention(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)
+
+    def forward(x, mask=None, HW=None, block_id=None):
+        call = slot.current
+        if call is None or mask is not None:
+            return original(x, mask=mask, HW=HW, block_id=block_id)
+        b, n, c = x.shape
+        q, k, v = module.qkv(x).reshape(b, n, 3, c).unbind(2)
+        q, k = module.q_norm(q), module.k_norm(k)
+
+        def as_module_does():  # the module's own attention op, bit for bit
+            qh, kh, vh = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+            return optimized_attention(qh, kh, vh, heads, mask=None, skip_reshape=True)
+
+        out = call.attention(
+            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, masked=False,
+            dense=dense, passthrough=as_module_does,
+        )
+        return module.proj(out.view(b, n, c))
+
+    return forward
