@@ -105,6 +105,51 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
     return statistics.median(plain_times), result
 
 
+def hook_overhead(latent_side: int, depth: int, pairs: int, steps: int, window) -> tuple[float, int]:
+    """All-FULL plan vs unpatched: median over every model call of runs done in pairs
+    (unpatched, patched, ...), matched by step. Returns (ratio - 1, number of ratios)."""
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    from ditfastattn_core import Plan, Schedule
+    from ditfastattn_core.comfy_bridge import apply_fastattn
+
+    base = pixart_sigma_xl(depth)
+    latent = torch.zeros(1, 4, latent_side, latent_side)
+    pos, neg = text_cond(1), text_cond(2)
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", steps).tolist()
+    plan = Plan(schedule=Schedule.from_letters(["F" * depth] * steps), family="pixart", sigmas=tuple(sigmas),
+                sampler="euler", scheduler="normal", cfg=4.5, window=window)
+
+    def call_times(model) -> list[float]:
+        import time
+
+        calls: list[float] = []
+
+        def timer(executor, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                calls.append(time.perf_counter() - t0)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        comfy.sample.sample(m, noise, steps, 4.5, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True)
+        return calls
+
+    patched = apply_fastattn(base, plan)
+    call_times(patched)  # warm-up
+    ratios = []
+    for _ in range(pairs):
+        plain = call_times(base)
+        ratios += [p / b for p, b in zip(call_times(patched), plain, strict=True)]
+    return statistics.median(ratios) - 1, len(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sizes (latent = size/8)")
@@ -113,6 +158,12 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=256, help="window tile (0: the exact paper band)")
     ap.add_argument("--no-model", action="store_true", help="attention timings only")
     ap.add_argument("--model-repeats", type=int, default=None, help="repeats of the model-call timing")
+    ap.add_argument(
+        "--overhead-pairs",
+        type=int,
+        default=0,
+        help="also measure the all-FULL hook overhead over this many pairs of 8-step runs",
+    )
     args = ap.parse_args()
     import_comfy()
     import torch
@@ -144,6 +195,10 @@ def main() -> None:
         if calls:
             print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'] - 1:+.2%} "
                   f"(unpatched call {plain:.2f} s)")
+        if args.overhead_pairs:
+            overhead, n = hook_overhead(size // 8, args.depth, args.overhead_pairs, 8, window)
+            print(f"hook overhead, all-FULL plan vs unpatched, median of {n} model calls "
+                  f"matched by step: {overhead:+.2%}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ where the box holds keys the window excludes (exact windows). Blocks with the sa
 the same mask go into one SDPA call, so a block-aligned window is mask-free and costs close to
 its FLOPs fraction, and an exact band costs one call for all interior blocks.
 
+A wide exact 1D band on CPU takes another route (``_split_band_attention``): masked blocks
+would either be too small for the CPU flash kernel to reuse its key blocks from cache or waste
+a masked triangle as wide as the block. Each query chunk is instead split into parts that need
+no mask (the keys every query of the chunk sees, the global keys) and two causal triangles,
+and the parts are merged exactly through their log-sum-exp.
+
 The block layout depends only on the window and the sequence geometry; it is built once per
 geometry and device and cached.
 """
@@ -24,6 +30,10 @@ from ..window import Window
 EXACT_CHUNK_1D = 256
 """Query block of the exact 1D band: 256 keeps SDPA efficient while the masked share
 of each block stays small (measured on a 2-core CPU; see bench/kernels.py)."""
+
+SPLIT_CHUNK_1D = 768
+"""Query chunk of the split band: from 768 queries on, the CPU flash kernel works in query
+blocks of 256 and reuses each key block across them (below, blocks of 64 and 32)."""
 
 GATHER_BUDGET_BYTES = 256 * 2**20
 """Upper bound on the gathered K (and V) of one SDPA call; larger groups are split."""
@@ -135,6 +145,130 @@ def _build_layout(window: Window, device: str) -> _BlockLayout:
     return _BlockLayout(slabs=tuple(slabs), groups=tuple(groups), global_ranges=global_ranges)
 
 
+def _lse_attention_op():
+    """The CPU flash kernel that also returns the log-sum-exp, if this torch has it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Keys [k0, k1) seen by rows [r0, r1) of a query chunk. ``causal``: row j sees key c
+    iff c <= j (top-left aligned); ``reversed``: iff c >= j, run as causal on reversed rows
+    and keys."""
+
+    r0: int
+    r1: int
+    k0: int
+    k1: int
+    causal: bool = False
+    reversed: bool = False
+
+    @property
+    def pairs(self) -> int:
+        nq, nk = self.r1 - self.r0, self.k1 - self.k0
+        return nk * (nk + 1) // 2 + (nq - nk) * nk if self.causal or self.reversed else nq * nk
+
+
+def _split_chunk(window: Window, device_type: str) -> int | None:
+    """Query rows per chunk of the split band for this call, or None to use masked blocks."""
+    if window.spec.dims != 1 or device_type != "cpu" or _lse_attention_op() is None:
+        return None
+    if window.spec.exact:
+        # a chunk wider than the radius would leave no key that all its queries see
+        return SPLIT_CHUNK_1D if window.radius[0] >= SPLIT_CHUNK_1D else None
+    # A tile's own slab is already mask-free; it is only slow when its keys outgrow the cache
+    # (measured: split wins at 4352 keys a tile, loses at 1280 and below).
+    lo, hi = window.axis_box(0, torch.tensor(0))
+    if int(hi - lo) + 1 <= 2 * SPLIT_CHUNK_1D:
+        return None
+    tile = window.spec.tile[0]
+    tiles = min(SPLIT_CHUNK_1D // tile, -(-window.radius[0] // tile) + 1)
+    return tiles * tile if tiles >= 2 else None
+
+
+def _check_chunk(window: Window, chunk: int) -> None:
+    if window.spec.exact:
+        if not 1 <= chunk <= window.radius[0]:
+            raise ValueError(f"split-band chunk {chunk} must be in [1, radius {window.radius[0]}]")
+        return
+    tile = window.spec.tile[0]
+    lo, hi = window.axis_box(0, torch.tensor(0))
+    if chunk < tile or chunk % tile or chunk - tile >= int(hi - lo) + 1:
+        raise ValueError(f"split-band chunk {chunk} must be whole tiles of {tile}, fewer than the window")
+
+
+def _split_band_parts(window: Window, chunk: int):
+    """Per query chunk: (q0, q1, parts), positions in the call's sequence."""
+    layout, r = window.layout, window.radius[0]
+    start, n = layout.image_start, layout.num_image
+    globals_ = [(a, z) for a, z in ((0, start), (layout.image_stop, layout.seq_len)) if z > a]
+    for a in range(0, n, chunk):
+        z = min(a + chunk, n)
+        parts = [_Part(0, z - a, k0, k1) for k0, k1 in globals_]
+        if window.spec.exact:
+            # Query a + j (j < z - a <= r) sees image keys [a + j - r, a + j + r]. Key a - r + c
+            # is seen iff c >= j (an upper triangle), keys [z - r, a + r) by every query, key
+            # a + r + c iff c <= j (causal). Clipping at the borders only drops keys, so the
+            # triangles stay top-left aligned.
+            spans = (
+                (max(0, a - r), max(0, z - r), False, True),
+                (max(0, z - r), min(n, a + r), False, False),
+                (min(n, a + r), min(n, z + r), True, False),
+            )
+            parts += [_Part(0, z - a, start + k0, start + k1, c, rv) for k0, k1, c, rv in spans if k1 > k0]
+        else:
+            # Every query of a tile sees the same key range; the chunk's tiles share the
+            # middle of it, and each tile adds its own few tiles on either side.
+            tile = window.spec.tile[0]
+            rows = [(t0, min(t0 + tile, z)) for t0 in range(a, z, tile)]
+            boxes = [window.axis_box(0, torch.tensor(t0)) for t0, _ in rows]
+            ranges = [(int(lo), int(hi) + 1) for lo, hi in boxes]
+            mid0, mid1 = max(lo for lo, _ in ranges), min(hi for _, hi in ranges)
+            parts.append(_Part(0, z - a, start + mid0, start + mid1))
+            for (t0, t1), (lo, hi) in zip(rows, ranges, strict=True):
+                for k0, k1 in ((lo, mid0), (mid1, hi)):
+                    if k1 > k0:
+                        parts.append(_Part(t0 - a, t1 - a, start + k0, start + k1))
+        yield start + a, start + z, parts
+
+
+def _split_band_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: Window,
+    scale: float | None,
+    chunk: int,
+) -> torch.Tensor:
+    _check_chunk(window, chunk)
+    op = _lse_attention_op()
+    layout = window.layout
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for a, z in ((0, layout.image_start), (layout.image_stop, layout.seq_len)):
+        if z > a:
+            out[:, :, a:z] = F.scaled_dot_product_attention(q[:, :, a:z], k, v, scale=scale)
+    for q0, q1, parts in _split_band_parts(window, chunk):
+        # Online merge of the parts' softmaxes through their log-sum-exp, in fp32.
+        acc = q.new_zeros(*q.shape[:2], q1 - q0, v.shape[-1], dtype=torch.float32)
+        lse_acc = q.new_full((*q.shape[:2], q1 - q0), float("-inf"), dtype=torch.float32)
+        for p in parts:
+            qc = q[:, :, q0 + p.r0 : q0 + p.r1]
+            kc, vc = k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1]
+            if p.reversed:
+                o, lse = op(qc.flip(2), kc.flip(2), vc.flip(2), is_causal=True, scale=scale)
+                o, lse = o.flip(2), lse.flip(2)
+            else:
+                o, lse = op(qc, kc, vc, is_causal=p.causal, scale=scale)
+            old = lse_acc[:, :, p.r0 : p.r1]
+            new = torch.logaddexp(old, lse)
+            rows = acc[:, :, p.r0 : p.r1]
+            rows.mul_(torch.exp(old - new).unsqueeze(-1))
+            rows.addcmul_(o.float(), torch.exp(lse - new).unsqueeze(-1))
+            old.copy_(new)
+        out[:, :, q0:q1] = acc
+    return out
+
+
 def blocked_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, scale: float | None = None
 ) -> torch.Tensor:
@@ -144,6 +278,9 @@ def blocked_window_attention(
         raise ValueError(
             f"sequence of {seq} tokens does not match the window's {window.layout.seq_len}"
         )
+    chunk = _split_chunk(window, q.device.type)
+    if chunk is not None:
+        return _split_band_attention(q, k, v, window, scale, chunk)
     plan = _build_layout(window, str(q.device))
     dv = v.shape[-1]
     out = q.new_empty(b, h, seq, dv)
@@ -173,7 +310,21 @@ def blocked_window_attention(
 
 
 def block_layout_stats(window: Window) -> dict[str, float]:
-    """Keys actually multiplied per query (incl. masked-out ones) vs the window's FLOPs."""
+    """Keys actually multiplied per query (incl. masked-out ones) vs the window's FLOPs, on CPU.
+
+    Causal triangles count the pairs asked of the kernel; it rounds them up to its own key
+    blocks (512 keys on CPU)."""
+    chunk = _split_chunk(window, "cpu")
+    if chunk is not None:
+        layout = window.layout
+        parts = [p for _, _, ps in _split_band_parts(window, chunk) for p in ps]
+        globals_ = [z - a for a, z in ((0, layout.image_start), (layout.image_stop, layout.seq_len)) if z > a]
+        computed = sum(p.pairs for p in parts) + layout.num_global * layout.seq_len
+        return {
+            "computed_fraction": computed / layout.seq_len**2,
+            "window_fraction": window.fraction,
+            "sdpa_calls": len(parts) + len(globals_),
+        }
     plan = _build_layout(window, "cpu")
     computed = sum(s.nq * s.nk for s in plan.slabs)
     computed += sum(g.count * g.nq * g.nk for g in plan.groups)

@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from ditfastattn_core.kernels import KERNELS, select_kernel
+from ditfastattn_core.kernels import KERNELS, blocked, select_kernel
 from ditfastattn_core.kernels.blocked import block_layout_stats
 from ditfastattn_core.window import TokenLayout, WindowSpec
 
@@ -72,6 +72,74 @@ def test_block_aligned_band_has_no_masked_work():
     assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"])
     exact = block_layout_stats(WindowSpec().bind(TokenLayout.image_only((4096,))))
     assert exact["computed_fraction"] > exact["window_fraction"]
+
+
+SPLIT_CASES = {
+    "odd": (WindowSpec(), TokenLayout.image_only((1001,)), 7),
+    "chunk-equals-radius": (WindowSpec(), TokenLayout.image_only((1000,)), 125),
+    "chunk-1": (WindowSpec(), TokenLayout.image_only((37,)), 1),
+    "text-first": (WindowSpec(), TokenLayout(seq_len=11 + 700, image_start=11, grid=(700,)), 50),
+    "image-first": (WindowSpec(), TokenLayout(seq_len=300 + 7, image_start=0, grid=(300,)), 16),
+    "2d-grid": (WindowSpec(), TokenLayout.image_only((33, 41)), 100),
+    "tiled": (WindowSpec(tile=(16,)), TokenLayout.image_only((1000,)), 48),
+    "tiled-ragged-text": (WindowSpec(tile=(10,)), TokenLayout(seq_len=5 + 997, image_start=5, grid=(997,)), 80),
+    "tiled-two-tiles": (WindowSpec(tile=(32,)), TokenLayout(seq_len=700 + 9, image_start=0, grid=(700,)), 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_band_equals_dense_masked_reference(dtype, case):
+    spec, layout, chunk = SPLIT_CASES[case]
+    w = spec.bind(layout)
+    q, k, v = _qkv(layout, dtype)
+    ref = KERNELS["reference"](q.float(), k.float(), v.float(), w, scale=0.3)
+    out = blocked._split_band_attention(q, k, v, w, 0.3, chunk)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "spec,chunk",
+    [(WindowSpec(), 11), (WindowSpec(), 0), (WindowSpec(tile=(4,)), 6), (WindowSpec(tile=(4,)), 32)],
+)
+def test_split_band_refuses_a_chunk_it_cannot_split(spec, chunk):
+    w = spec.bind(TokenLayout.image_only((80,)))  # radius 10; tiled: 7 tiles of 4 = 28 keys
+    q, k, v = _qkv(w.layout, torch.float32)
+    with pytest.raises(ValueError, match="chunk"):
+        blocked._split_band_attention(q, k, v, w, None, chunk)
+
+
+def test_wide_bands_on_cpu_take_the_split_route(monkeypatch):
+    calls = []
+    real = blocked._split_band_attention
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(blocked, "_split_band_attention", spy)
+    monkeypatch.setattr(blocked, "SPLIT_CHUNK_1D", 32)
+    layout = TokenLayout.image_only((512,))  # radius 64
+    cases = {
+        "exact": (WindowSpec(), 32),
+        "exact-narrow": (WindowSpec(extent=(0.05,)), None),  # radius 25 < 32
+        "tiled-small": (WindowSpec(tile=(8,)), 32),  # 4 tiles a chunk, 136 keys a tile
+        "tiled-short": (WindowSpec(extent=(0.03,), tile=(8,)), None),  # 40 keys a tile <= 2 * 32
+        "tiled-big": (WindowSpec(tile=(32,)), None),  # one tile a chunk: nothing to gain
+        "2d": (WindowSpec(dims=2, extent=(0.25, 0.25)), None),
+    }
+    for name, (spec, expected) in cases.items():
+        calls.clear()
+        w = spec.bind(TokenLayout.image_only((16, 32)) if spec.dims == 2 else layout)
+        q, k, v = _qkv(w.layout, torch.float32, batch=1, heads=2)
+        torch.testing.assert_close(
+            KERNELS["blocked"](q, k, v, w), KERNELS["reference"](q, k, v, w), atol=2e-5, rtol=2e-5
+        )
+        assert calls == ([expected] if expected else []), name
+        if expected:
+            stats = block_layout_stats(w)
+            assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"]), "no masked work"
 
 
 def test_wrong_sequence_length_raises():
