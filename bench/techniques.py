@@ -52,8 +52,27 @@ def attention_latency(n_side: int, repeats: int, window):
     return out, window.bind(tokens).fraction, full_time
 
 
-def model_call_times(latent_side: int, depth: int, repeats: int, window):
+def timed_model(model):
+    """A clone of ``model`` whose APPLY_MODEL wrapper appends each model call's seconds."""
+    import time
+
     import comfy.patcher_extension
+
+    calls: list[float] = []
+
+    def timer(executor, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            calls.append(time.perf_counter() - t0)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
+    return m, calls
+
+
+def model_call_times(latent_side: int, depth: int, repeats: int, window):
     import comfy.sample
     import torch
 
@@ -63,22 +82,6 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
     base = pixart_sigma_xl(depth)
     latent = torch.zeros(1, 4, latent_side, latent_side)
     pos, neg = text_cond(1), text_cond(2)
-
-    def timed_model(model):
-        calls = []
-
-        def timer(executor, *args, **kwargs):
-            import time
-
-            t0 = time.perf_counter()
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                calls.append(time.perf_counter() - t0)
-
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
-        return m, calls
 
     def step1_time(model, r: int) -> float:
         m, calls = timed_model(model)
@@ -108,7 +111,6 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
 def hook_overhead(latent_side: int, depth: int, pairs: int, steps: int, window) -> tuple[float, int]:
     """All-FULL plan vs unpatched: median over every model call of runs done in pairs
     (unpatched, patched, ...), matched by step. Returns (ratio - 1, number of ratios)."""
-    import comfy.patcher_extension
     import comfy.sample
     import comfy.samplers
     import torch
@@ -124,19 +126,7 @@ def hook_overhead(latent_side: int, depth: int, pairs: int, steps: int, window) 
                 sampler="euler", scheduler="normal", cfg=4.5, window=window)
 
     def call_times(model) -> list[float]:
-        import time
-
-        calls: list[float] = []
-
-        def timer(executor, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                calls.append(time.perf_counter() - t0)
-
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
+        m, calls = timed_model(model)
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
         comfy.sample.sample(m, noise, steps, 4.5, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True)
         return calls
