@@ -6,14 +6,14 @@ where the box holds keys the window excludes (exact windows). Blocks with the sa
 the same mask go into one SDPA call, so a block-aligned window is mask-free and costs close to
 its FLOPs fraction, and an exact band costs one call for all interior blocks.
 
-A wide exact 1D band on CPU takes another route (``_split_band_attention``): masked blocks
-would either be too small for the CPU flash kernel to reuse its key blocks from cache or waste
-a masked triangle as wide as the block. Each query chunk is instead split into parts that need
-no mask (the keys every query of the chunk sees, the global keys) and two causal triangles,
-and the parts are merged exactly through their log-sum-exp.
+A wide 1D band on CPU takes another route (``_split_band_attention``): masked or per-tile
+blocks would either be too small for the CPU flash kernel to reuse its key blocks from cache
+or waste a masked triangle as wide as the block. Each query chunk is instead split into parts
+that need no mask (the keys every query of the chunk sees, the global keys, and two causal
+triangles or each tile's own side ranges), merged exactly through their log-sum-exp.
 
-The block layout depends only on the window and the sequence geometry; it is built once per
-geometry and device and cached.
+Both layouts depend only on the window and the sequence geometry; they are built once per
+geometry (and device) and cached, so an attention call only runs them.
 """
 
 from __future__ import annotations
@@ -94,6 +94,13 @@ def _contiguous_start(idx: torch.Tensor) -> int | None:
     return None
 
 
+def _global_ranges(window: Window) -> tuple[tuple[int, int], ...]:
+    """The non-empty spans of global (text, reference) tokens before and after the image."""
+    layout = window.layout
+    spans = ((0, layout.image_start), (layout.image_stop, layout.seq_len))
+    return tuple((a, z) for a, z in spans if z > a)
+
+
 @functools.lru_cache(maxsize=32)
 def _build_layout(window: Window, device: str) -> _BlockLayout:
     layout = window.layout
@@ -139,10 +146,9 @@ def _build_layout(window: Window, device: str) -> _BlockLayout:
                 mask=None if mask is None else mask.to(device),
             )
         )
-    global_ranges = tuple(
-        (a, b) for a, b in ((0, start), (layout.image_stop, layout.seq_len)) if b > a
+    return _BlockLayout(
+        slabs=tuple(slabs), groups=tuple(groups), global_ranges=_global_ranges(window)
     )
-    return _BlockLayout(slabs=tuple(slabs), groups=tuple(groups), global_ranges=global_ranges)
 
 
 def _lse_attention_op():
@@ -169,6 +175,13 @@ class _Part:
         return nk * (nk + 1) // 2 + (nq - nk) * nk if self.causal or self.reversed else nq * nk
 
 
+@functools.lru_cache(maxsize=32)
+def _tile_keys(window: Window) -> int:
+    """Image keys each query of a block-aligned 1D window sees."""
+    lo, hi = window.axis_box(0, torch.tensor(0))
+    return int(hi - lo) + 1
+
+
 def _split_chunk(window: Window, device_type: str) -> int | None:
     """Query rows per chunk of the split band for this call, or None to use masked blocks."""
     if window.spec.dims != 1 or device_type != "cpu" or _lse_attention_op() is None:
@@ -178,8 +191,7 @@ def _split_chunk(window: Window, device_type: str) -> int | None:
         return SPLIT_CHUNK_1D if window.radius[0] >= SPLIT_CHUNK_1D else None
     # A tile's own slab is already mask-free; it is only slow when its keys outgrow the cache
     # (measured: split wins at 4352 keys a tile, loses at 1280 and below).
-    lo, hi = window.axis_box(0, torch.tensor(0))
-    if int(hi - lo) + 1 <= 2 * SPLIT_CHUNK_1D:
+    if _tile_keys(window) <= 2 * SPLIT_CHUNK_1D:
         return None
     tile = window.spec.tile[0]
     tiles = min(SPLIT_CHUNK_1D // tile, -(-window.radius[0] // tile) + 1)
@@ -192,19 +204,20 @@ def _check_chunk(window: Window, chunk: int) -> None:
             raise ValueError(f"split-band chunk {chunk} must be in [1, radius {window.radius[0]}]")
         return
     tile = window.spec.tile[0]
-    lo, hi = window.axis_box(0, torch.tensor(0))
-    if chunk < tile or chunk % tile or chunk - tile >= int(hi - lo) + 1:
+    if chunk < tile or chunk % tile or chunk - tile >= _tile_keys(window):
         raise ValueError(f"split-band chunk {chunk} must be whole tiles of {tile}, fewer than the window")
 
 
-def _split_band_parts(window: Window, chunk: int):
+@functools.lru_cache(maxsize=32)
+def _split_band_parts(window: Window, chunk: int) -> tuple[tuple[int, int, tuple[_Part, ...]], ...]:
     """Per query chunk: (q0, q1, parts), positions in the call's sequence."""
+    _check_chunk(window, chunk)
     layout, r = window.layout, window.radius[0]
     start, n = layout.image_start, layout.num_image
-    globals_ = [(a, z) for a, z in ((0, start), (layout.image_stop, layout.seq_len)) if z > a]
+    chunks = []
     for a in range(0, n, chunk):
         z = min(a + chunk, n)
-        parts = [_Part(0, z - a, k0, k1) for k0, k1 in globals_]
+        parts = [_Part(0, z - a, k0, k1) for k0, k1 in _global_ranges(window)]
         if window.spec.exact:
             # Query a + j (j < z - a <= r) sees image keys [a + j - r, a + j + r]. Key a - r + c
             # is seen iff c >= j (an upper triangle), keys [z - r, a + r) by every query, key
@@ -229,7 +242,8 @@ def _split_band_parts(window: Window, chunk: int):
                 for k0, k1 in ((lo, mid0), (mid1, hi)):
                     if k1 > k0:
                         parts.append(_Part(t0 - a, t1 - a, start + k0, start + k1))
-        yield start + a, start + z, parts
+        chunks.append((start + a, start + z, tuple(parts)))
+    return tuple(chunks)
 
 
 def _split_band_attention(
@@ -240,14 +254,12 @@ def _split_band_attention(
     scale: float | None,
     chunk: int,
 ) -> torch.Tensor:
-    _check_chunk(window, chunk)
+    chunks = _split_band_parts(window, chunk)
     op = _lse_attention_op()
-    layout = window.layout
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    for a, z in ((0, layout.image_start), (layout.image_stop, layout.seq_len)):
-        if z > a:
-            out[:, :, a:z] = F.scaled_dot_product_attention(q[:, :, a:z], k, v, scale=scale)
-    for q0, q1, parts in _split_band_parts(window, chunk):
+    for a, z in _global_ranges(window):
+        out[:, :, a:z] = F.scaled_dot_product_attention(q[:, :, a:z], k, v, scale=scale)
+    for q0, q1, parts in chunks:
         # Online merge of the parts' softmaxes through their log-sum-exp, in fp32.
         acc = q.new_zeros(*q.shape[:2], q1 - q0, v.shape[-1], dtype=torch.float32)
         lse_acc = q.new_full((*q.shape[:2], q1 - q0), float("-inf"), dtype=torch.float32)
@@ -318,12 +330,11 @@ def block_layout_stats(window: Window) -> dict[str, float]:
     if chunk is not None:
         layout = window.layout
         parts = [p for _, _, ps in _split_band_parts(window, chunk) for p in ps]
-        globals_ = [z - a for a, z in ((0, layout.image_start), (layout.image_stop, layout.seq_len)) if z > a]
         computed = sum(p.pairs for p in parts) + layout.num_global * layout.seq_len
         return {
             "computed_fraction": computed / layout.seq_len**2,
             "window_fraction": window.fraction,
-            "sdpa_calls": len(parts) + len(globals_),
+            "sdpa_calls": len(parts) + len(_global_ranges(window)),
         }
     plan = _build_layout(window, "cpu")
     computed = sum(s.nq * s.nk for s in plan.slabs)
