@@ -52,57 +52,67 @@ def attention_latency(n_side: int, repeats: int, window):
     return out, window.bind(tokens).fraction, full_time
 
 
-def timed_model(model):
-    """A clone of ``model`` whose APPLY_MODEL wrapper appends each model call's seconds."""
-    import time
+class TimedSampling:
+    """PixArt-Sigma-XL width with fixed conditioning, sampled with every model call timed."""
 
-    import comfy.patcher_extension
+    def __init__(self, latent_side: int, depth: int, steps: int):
+        import comfy.samplers
+        import torch
 
-    calls: list[float] = []
+        self.base = pixart_sigma_xl(depth)
+        self.depth, self.steps = depth, steps
+        self.latent = torch.zeros(1, 4, latent_side, latent_side)
+        self.pos, self.neg = text_cond(1), text_cond(2)
+        model_sampling = self.base.get_model_object("model_sampling")
+        self.sigmas = tuple(comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).tolist())
 
-    def timer(executor, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            calls.append(time.perf_counter() - t0)
+    def patched(self, letters: list[str], window):
+        """The base model with a plan of one letter per step on every layer."""
+        from ditfastattn_core import Plan, Schedule
+        from ditfastattn_core.comfy_bridge import apply_fastattn
 
-    m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
-    return m, calls
+        plan = Plan(schedule=Schedule.from_letters([c * self.depth for c in letters]), family="pixart",
+                    sigmas=self.sigmas, sampler="euler", scheduler="normal", cfg=4.5, window=window)
+        return apply_fastattn(self.base, plan)
+
+    def call_times(self, model, seed: int) -> list[float]:
+        """Seconds of each model call of one sampling run."""
+        import time
+
+        import comfy.patcher_extension
+        import comfy.sample
+        import torch
+
+        calls: list[float] = []
+
+        def timer(executor, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                calls.append(time.perf_counter() - t0)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
+        noise = torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(seed))
+        comfy.sample.sample(m, noise, self.steps, 4.5, "euler", "normal", self.pos, self.neg, self.latent,
+                            seed=seed, disable_pbar=True)
+        return calls
 
 
 def model_call_times(latent_side: int, depth: int, repeats: int, window):
-    import comfy.sample
-    import torch
+    """Step 1's model call with every layer on one technique vs unpatched, paired per seed."""
+    from ditfastattn_core import Strategy
 
-    from ditfastattn_core import Plan, Schedule
-    from ditfastattn_core.comfy_bridge import apply_fastattn
-
-    base = pixart_sigma_xl(depth)
-    latent = torch.zeros(1, 4, latent_side, latent_side)
-    pos, neg = text_cond(1), text_cond(2)
-
-    def step1_time(model, r: int) -> float:
-        m, calls = timed_model(model)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(r))
-        comfy.sample.sample(m, noise, 2, 4.5, "euler", "normal", pos, neg, latent, seed=r, disable_pbar=True)
-        return calls[1]
-
-    import comfy.samplers
-
-    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", 2).tolist()
+    bench = TimedSampling(latent_side, depth, steps=2)
     result, plain_times = {}, []
     for name in TECHNIQUES:
-        letter = {"FULL": "F", "ASC": "C", "WA_RS": "W", "WA_RS_ASC": "X", "AST": "T"}[name]
-        plan = Plan(schedule=Schedule.from_letters(["F" * depth, letter * depth]), family="pixart",
-                    sigmas=tuple(sigmas), sampler="euler", scheduler="normal", cfg=4.5, window=window)
-        patched = apply_fastattn(base, plan)
-        step1_time(patched, 0)  # warm-up
+        patched = bench.patched(["F", Strategy[name].letter], window)
+        bench.call_times(patched, 0)  # warm-up
         ratios = []
         for r in range(repeats):
-            plain = step1_time(base, r)
-            ratios.append(step1_time(patched, r) / plain)
+            plain = bench.call_times(bench.base, r)[1]
+            ratios.append(bench.call_times(patched, r)[1] / plain)
             plain_times.append(plain)
         result[name] = statistics.median(ratios)
     return statistics.median(plain_times), result
@@ -111,32 +121,13 @@ def model_call_times(latent_side: int, depth: int, repeats: int, window):
 def hook_overhead(latent_side: int, depth: int, pairs: int, steps: int, window) -> tuple[float, int]:
     """All-FULL plan vs unpatched: median over every model call of runs done in pairs
     (unpatched, patched, ...), matched by step. Returns (ratio - 1, number of ratios)."""
-    import comfy.sample
-    import comfy.samplers
-    import torch
-
-    from ditfastattn_core import Plan, Schedule
-    from ditfastattn_core.comfy_bridge import apply_fastattn
-
-    base = pixart_sigma_xl(depth)
-    latent = torch.zeros(1, 4, latent_side, latent_side)
-    pos, neg = text_cond(1), text_cond(2)
-    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", steps).tolist()
-    plan = Plan(schedule=Schedule.from_letters(["F" * depth] * steps), family="pixart", sigmas=tuple(sigmas),
-                sampler="euler", scheduler="normal", cfg=4.5, window=window)
-
-    def call_times(model) -> list[float]:
-        m, calls = timed_model(model)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        comfy.sample.sample(m, noise, steps, 4.5, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True)
-        return calls
-
-    patched = apply_fastattn(base, plan)
-    call_times(patched)  # warm-up
+    bench = TimedSampling(latent_side, depth, steps)
+    patched = bench.patched(["F"] * steps, window)
+    bench.call_times(patched, 0)  # warm-up
     ratios = []
     for _ in range(pairs):
-        plain = call_times(base)
-        ratios += [p / b for p, b in zip(call_times(patched), plain, strict=True)]
+        plain = bench.call_times(bench.base, 0)
+        ratios += [p / b for p, b in zip(bench.call_times(patched, 0), plain, strict=True)]
     return statistics.median(ratios) - 1, len(ratios)
 
 
