@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +20,30 @@ class Tiny:
     """A negative whose text length cannot be batched with the positive: separate CFG calls."""
 
 
-def _build(cls_name: str, unet_config: dict):
+def _fill_required_fields(unet_config: dict, params: str | None) -> dict:
+    """Fields this tree's params dataclass requires but the config does not give take the value
+    a missing feature has (an empty list, False or None: what model detection sets when the
+    weights lack that feature), so one tiny config builds the same model on old and new trees."""
+    if params is None:
+        return unet_config
+    module_name, _, class_name = params.rpartition(".")
+    dataclass = getattr(importlib.import_module(module_name), class_name, None)
+    if dataclass is None:
+        return unet_config
+    filled = dict(unet_config)
+    for f in dataclasses.fields(dataclass):
+        if f.name in filled or f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        filled[f.name] = [] if kind == "list" else False if kind == "bool" else None
+    return filled
+
+
+def _build(cls_name: str, unet_config: dict, params: str | None = None):
     import comfy.model_patcher
     import comfy.supported_models
 
-    mc = getattr(comfy.supported_models, cls_name)(unet_config)
+    mc = getattr(comfy.supported_models, cls_name)(_fill_required_fields(unet_config, params))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
     g = torch.Generator().manual_seed(0)
@@ -55,7 +76,7 @@ def flux() -> Tiny:
     cfg = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
            "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
-    return Tiny("flux", _build("Flux", cfg), torch.zeros(1, 16, 16, 24),
+    return Tiny("flux", _build("Flux", cfg, "comfy.ldm.flux.model.FluxParams"), torch.zeros(1, 16, 16, 24),
                 _cond(8, 32, 1, pooled_output=_pooled(32, 1)), _cond(8, 32, 2, pooled_output=_pooled(32, 2)),
                 _cond(7, 32, 3, pooled_output=_pooled(32, 3)))
 
@@ -118,7 +139,7 @@ def chroma() -> Tiny:
            "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
            "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 64,
            "n_layers": 1}
-    return Tiny("chroma", _build("Chroma", cfg), torch.zeros(1, 16, 16, 24),
+    return Tiny("chroma", _build("Chroma", cfg, "comfy.ldm.chroma.model.ChromaParams"), torch.zeros(1, 16, 16, 24),
                 *_three(8, 7, 32, pooled_output=lambda s, n: _pooled(32, s)))
 
 
@@ -140,7 +161,7 @@ def hunyuan_video() -> Tiny:
            "vec_in_dim": 32, "axes_dim": [8, 12, 12], "meanflow": False, "context_in_dim": 32, "hidden_size": 64,
            "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "theta": 256, "qkv_bias": True,
            "byt5": False, "guidance_embed": True}
-    return Tiny("hunyuan_video", _build("HunyuanVideo", cfg), torch.zeros(1, 16, 3, 8, 12),
+    return Tiny("hunyuan_video", _build("HunyuanVideo", cfg, "comfy.ldm.hunyuan_video.model.HunyuanVideoParams"), torch.zeros(1, 16, 3, 8, 12),
                 *_three(8, 7, 32, pooled_output=lambda s, n: _pooled(32, s), guidance=lambda s, n: 6.0))
 
 
