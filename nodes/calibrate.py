@@ -95,6 +95,8 @@ class CalibratePlan(io.ComfyNode):
 
         result = calibrate(model, positive, negative, latent_image, request, on_progress=on_trial, callback=on_step)
         out = latent_image.copy()
+        out.pop("downscale_ratio_spacial", None)  # as KSampler does: the ratios described the empty latent
+        out.pop("downscale_ratio_temporal", None)
         out["samples"] = result.samples
         if samples > 1:
             out.pop("batch_index", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,27 @@ class CalibrationResult:
         )
 
 
+def ksampler_inputs(model: Any, latent: dict, seed: int, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent and noise KSampler would sample from (``nodes.common_ksampler``), so a
+    calibration run samples exactly what the user's KSampler samples: same size (the latent's
+    downscale ratios, on trees that have them), same noise. ``samples`` > 1 repeats the latent
+    and draws each copy's noise from seed, seed + 1, ..."""
+    import comfy.sample
+
+    latent_image = latent["samples"]
+    ratios = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+    accepted = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    extra = {r: latent.get(r) for r in ratios if r in accepted}
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent_image, **extra)
+    if samples == 1:
+        return latent_image, comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    latent_image = latent_image.repeat(samples, *([1] * (latent_image.dim() - 1)))
+    noise = torch.cat([
+        comfy.sample.prepare_noise(latent_image[i : i + 1], seed + i) for i in range(latent_image.shape[0])
+    ])
+    return latent_image, noise
+
+
 def calibrate(
     model: Any,
     positive: list,
@@ -82,15 +104,9 @@ def calibrate(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,
         window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress,
     )
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     if request.samples > 1 and latent.get("noise_mask") is not None:
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
-    if request.samples > 1:
-        latent_image = latent_image.repeat(request.samples, *([1] * (latent_image.dim() - 1)))
-    noise = torch.cat([
-        comfy.sample.prepare_noise(latent_image[i : i + 1], request.seed + i)
-        for i in range(latent_image.shape[0])
-    ])
+    latent_image, noise = ksampler_inputs(model, latent, request.seed, request.samples)
     samples = comfy.sample.sample(
         patched, noise, request.steps, request.cfg, request.sampler_name, request.scheduler,
         positive, negative, latent_image, denoise=request.denoise, noise_mask=latent.get("noise_mask"),

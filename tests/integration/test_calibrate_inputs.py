@@ -1,0 +1,62 @@
+"""Calibration samples exactly what KSampler samples: same latent size and noise."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
+
+from .tiny import BUILDERS
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_sample_inputs(monkeypatch, run):
+    """Run ``run`` and return the (noise, latent_image) it hands to comfy.sample.sample."""
+    import comfy.sample
+
+    seen = {}
+
+    def fake_sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, **kw):
+        seen["noise"], seen["latent"] = noise, latent_image
+        raise _Captured
+
+    monkeypatch.setattr(comfy.sample, "sample", fake_sample)
+    with pytest.raises(_Captured):
+        run()
+    return seen["noise"], seen["latent"]
+
+
+@pytest.mark.parametrize("latent", [
+    {"samples": torch.zeros(2, 4, 8, 8), "batch_index": [3, 5]},
+    {"samples": torch.zeros(1, 4, 8, 8), "downscale_ratio_spacial": 16},
+    {"samples": torch.zeros(1, 4, 16, 16), "downscale_ratio_spacial": 4},
+], ids=["batch_index", "ratio_16", "ratio_4"])
+def test_calibrate_samples_what_ksampler_samples(monkeypatch, comfy_nodes, latent):
+    tiny = BUILDERS["flux"]()
+    seed = 11
+
+    def ksampler():
+        comfy_nodes.common_ksampler(tiny.patcher, seed, 3, 2.0, "euler", "normal", tiny.positive, tiny.negative,
+                                    latent)
+
+    def calibration():
+        calibrate(tiny.patcher, tiny.positive, tiny.negative, latent,
+                  CalibrationRequest(seed=seed, steps=3, cfg=2.0, sampler_name="euler", scheduler="normal"))
+
+    k_noise, k_latent = _capture_sample_inputs(monkeypatch, ksampler)
+    c_noise, c_latent = _capture_sample_inputs(monkeypatch, calibration)
+    assert c_latent.shape == k_latent.shape and torch.equal(c_latent, k_latent)
+    assert torch.equal(c_noise, k_noise)
+    import comfy.sample
+
+    knows_ratios = "downscale_ratio_spacial" in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    if "downscale_ratio_spacial" in latent and knows_ratios:
+        # a tree that knows the ratios resizes the empty latent to the model's own ratio (8)
+        expected = latent["samples"].shape[-1] * latent["downscale_ratio_spacial"] // 8
+        assert k_latent.shape[-1] == expected
