@@ -4,6 +4,7 @@ never does)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,30 @@ def _chain(previous: Callable | None, func: Callable, args: tuple, kwargs: dict)
     if previous is not None:
         return previous(func, *args, **kwargs)
     return func(*args, **kwargs)
+
+
+HONOURED_ARGUMENTS = frozenset({
+    "transformer_options", "_inside_attn_wrapper", "attn_precision", "low_precision_attention", "small_input",
+})
+"""Keyword arguments of an attention call that do not change what it computes, or that the
+dense path (which gets them) honours: the window kernels can compute the same attention."""
+
+
+def unsupported_argument(kwargs: dict[str, Any], head_dim: int) -> str | None:
+    """Why the engine cannot compute this call as the backend would, or None if it can.
+
+    Newer ComfyUI passes ``scale`` (2026-05) and ``enable_gqa`` (2026-07, k and v with fewer
+    heads); an argument this pack does not know may change the result too. Such calls pass
+    through untouched rather than being windowed with other semantics."""
+    for name, value in kwargs.items():
+        if name in HONOURED_ARGUMENTS:
+            continue
+        if name == "enable_gqa" and not value:
+            continue
+        if name == "scale" and (value is None or math.isclose(float(value), head_dim ** -0.5, rel_tol=1e-6)):
+            continue
+        return f"{name}={value!r}" if name in ("enable_gqa", "scale") else f"the argument {name!r}"
+    return None
 
 
 def make_override(previous: Callable | None) -> Callable:
@@ -37,6 +62,8 @@ def make_override(previous: Callable | None) -> Callable:
         rest.pop("mask", None)
         if heads is None:
             heads = q.shape[1] if skip_reshape else 1
+        head_dim = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+        unsupported = "a padding mask" if mask is not None else unsupported_argument(rest, head_dim)
 
         def dense(qh, kh, vh):
             return _chain(previous, func, (qh, kh, vh, heads),
@@ -44,7 +71,7 @@ def make_override(previous: Callable | None) -> Callable:
 
         return call.attention(
             q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-            masked=mask is not None, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
+            unsupported=unsupported, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
         )
 
     fastattn_override.ditfastattn = True
@@ -84,7 +111,7 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot) -> Calla
             return optimized_attention(qh, kh, vh, heads, mask=None, skip_reshape=True)
 
         out = call.attention(
-            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, masked=False,
+            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, unsupported=None,
             dense=dense, passthrough=as_module_does,
         )
         return module.proj(out.view(b, n, c))

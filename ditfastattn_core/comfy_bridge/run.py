@@ -233,7 +233,7 @@ class ModelCall:
         heads: int,
         skip_reshape: bool,
         skip_output_reshape: bool,
-        masked: bool,
+        unsupported: str | None,
         dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         passthrough: Callable[[], torch.Tensor],
     ) -> torch.Tensor:
@@ -252,8 +252,10 @@ class ModelCall:
             run.report("layers", f"the model ran more self-attention layers than the plan's "
                        f"{run.config.layers}; the extra ones ran FULL")
             return passthrough()
-        if masked:
-            self.run.report("masked", "attention calls with a text padding mask run FULL")
+        if unsupported is not None:
+            state.count("passthrough")
+            run.report(f"unsupported {unsupported}", f"attention calls with {unsupported} run as the model "
+                       "makes them (FULL): the window kernels cannot honour it")
             return passthrough()
         if self.step is None:
             return passthrough()
