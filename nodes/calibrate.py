@@ -8,7 +8,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..ditfastattn_core.calibrate import FAST, MODES
-from ..ditfastattn_core.comfy_bridge import model_family
+from ..ditfastattn_core.comfy_bridge import model_geometry
 from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.strategies import Strategy
@@ -81,7 +81,7 @@ class CalibratePlan(io.ComfyNode):
             delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,
             kernel=window_kernel,
         )
-        _, layers = model_family(model)
+        layers = model_geometry(model).layers
         per_step = 4 * layers + 2 if mode != FAST else 1
         pbar = comfy.utils.ProgressBar(steps * per_step)
 

@@ -1,8 +1,8 @@
 """The only code that knows ComfyUI. It imports ComfyUI lazily, inside the functions that run
 in a ComfyUI process, so importing it elsewhere is harmless."""
 
-from .families import FAMILIES, Family, UnsupportedModelError, detect_family, layer_count
-from .install import apply_fastattn, calibration_patch, check_plan, model_family
+from .families import FAMILIES, Family, Geometry, UnsupportedModelError, detect_family, layer_count, resolve
+from .install import apply_fastattn, calibration_patch, check_plan, model_geometry
 from .run import CalibrationSink, FastAttnConfig, FastAttnRun, PlanMismatchError
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "FastAttnConfig",
     "FastAttnRun",
     "Family",
+    "Geometry",
     "PlanMismatchError",
     "UnsupportedModelError",
     "apply_fastattn",
@@ -18,5 +19,6 @@ __all__ = [
     "check_plan",
     "detect_family",
     "layer_count",
-    "model_family",
+    "model_geometry",
+    "resolve",
 ]

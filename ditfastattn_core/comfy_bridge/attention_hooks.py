@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .families import PIXART_MODULES, Geometry, UnsupportedModelError
 from .run import CALL_KEY, CallSlot, ModelCall
 
 
@@ -71,7 +72,7 @@ def make_override(previous: Callable | None) -> Callable:
 
         return call.attention(
             q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-            unsupported=unsupported, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
+            block=options, unsupported=unsupported, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
         )
 
     fastattn_override.ditfastattn = True
@@ -86,7 +87,7 @@ def is_ours(override: Any) -> bool:
 # PixArt: attention module patches
 
 
-def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot) -> Callable:
+def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_index: int) -> Callable:
     """Forward of PixArt's AttentionKVCompress (the sr_ratio == 1 path, the only one PixArt
     models use) with its attention op routed through the engine. Calls outside a FastAttn
     model call, and masked calls, run the module's own forward."""
@@ -94,6 +95,7 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot) -> Calla
 
     original = type(module).forward.__get__(module)
     heads = module.num_heads
+    block = {"block_index": block_index}
 
     def dense(q, k, v):
         return optimized_attention(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)
@@ -111,9 +113,23 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot) -> Calla
             return optimized_attention(qh, kh, vh, heads, mask=None, skip_reshape=True)
 
         out = call.attention(
-            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, unsupported=None,
+            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, block=block, unsupported=None,
             dense=dense, passthrough=as_module_does,
         )
         return module.proj(out.view(b, n, c))
 
     return forward
+
+
+def patch_pixart_attention(model: Any, geometry: Geometry, slot: CallSlot) -> None:
+    """Object-patch the self-attention of each of PixArt's blocks on ``model`` (a clone)."""
+    for i in range(geometry.layers):
+        name = f"diffusion_model.blocks.{i}.attn"
+        module = model.get_model_object(name)
+        if getattr(module, "sr_ratio", 1) > 1:
+            raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
+        model.add_object_patch(f"{name}.forward", make_pixart_self_attention(module, slot, i))
+
+
+MODULE_PATCHERS: dict[str, Callable[[Any, Geometry, CallSlot], None]] = {PIXART_MODULES: patch_pixart_attention}
+"""How families attached by module patches are patched, by ``Family.attach``."""

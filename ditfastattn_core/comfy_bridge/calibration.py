@@ -13,7 +13,7 @@ from ..calibrate import FAST, MODES, schedule_from_rows
 from ..plan import Calibration, Plan
 from ..strategies import Strategy
 from ..window import WindowSpec
-from .install import calibration_patch, model_family
+from .install import calibration_patch, model_geometry
 from .run import CalibrationSink
 
 
@@ -98,11 +98,11 @@ def calibrate(
     """Sample once with calibration on; returns the plan and the latent it produced."""
     import comfy.sample
 
-    family, layers = model_family(model)
+    geometry = model_geometry(model)
     sink = CalibrationSink()
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,
-        window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress,
+        window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress, geometry=geometry,
     )
     if request.samples > 1 and latent.get("noise_mask") is not None:
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
@@ -116,8 +116,8 @@ def calibrate(
         raise RuntimeError("the sampler never called the model: nothing was calibrated")
     steps = len(sink.sample_sigmas) - 1
     plan = Plan(
-        schedule=schedule_from_rows(sink.calibrator.rows, steps, layers),
-        family=family.name,
+        schedule=schedule_from_rows(sink.calibrator.rows, steps, geometry.layers),
+        family=geometry.family,
         sigmas=tuple(sink.sample_sigmas),
         sampler=request.sampler_name,
         scheduler=request.scheduler,

@@ -9,8 +9,8 @@ from ..plan import Plan
 from ..steps import STRICT, StepMapper
 from ..strategies import Strategy
 from ..window import WindowSpec
-from .attention_hooks import make_override, make_pixart_self_attention
-from .families import Family, UnsupportedModelError, detect_family, layer_count
+from .attention_hooks import MODULE_PATCHERS, make_override
+from .families import OVERRIDE, Geometry, resolve
 from .run import (
     CONFIG_KEY,
     KEY,
@@ -23,25 +23,26 @@ from .run import (
 )
 from .wrappers import fastattn_calc_cond_batch, fastattn_outer_sample, make_apply_model_wrapper
 
-_UNSUPPORTED_CLASSES = {"WAN22_S2V": "Wan 2.2 S2V blocks do not pass transformer_options to attention"}
+
+def model_geometry(model: Any) -> Geometry:
+    """A ModelPatcher's family and attention geometry, detected once (before sampling)."""
+    return resolve(model.model)
 
 
-
-
-def check_plan(model: Any, plan: Plan) -> Family:
-    """The model's family, after checking that ``plan`` was made for this model."""
-    family, layers = model_family(model)
-    if plan.family != family.name:
+def check_plan(model: Any, plan: Plan) -> Geometry:
+    """The model's geometry, after checking that ``plan`` was made for this model."""
+    geometry = model_geometry(model)
+    if plan.family != geometry.family:
         raise PlanMismatchError(
-            f"the plan is for a {plan.family} model but this is a {family.name} model: "
+            f"the plan is for a {plan.family} model but this is a {geometry.label} ({geometry.family}) model: "
             "load the plan made for this model, or calibrate one with Calibrate FastAttn Plan"
         )
-    if plan.layers != layers:
+    if plan.layers != geometry.layers:
         raise PlanMismatchError(
-            f"the plan has {plan.layers} attention layers but this {family.name} model has "
-            f"{layers}: it was calibrated on another model size; recalibrate for this model"
+            f"the plan has {plan.layers} attention layers but this {geometry.label} model has "
+            f"{geometry.layers}: it was calibrated on another model size; recalibrate for this model"
         )
-    return family
+    return geometry
 
 
 def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
@@ -51,42 +52,27 @@ def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str 
     if kernel not in kernel_names():
         raise ValueError(f"unknown window kernel {kernel!r}; choose one of {kernel_names()}")
     StepMapper.for_run([float(s) for s in plan.sigmas], plan.steps, step_mode)  # validates mode
-    family = check_plan(model, plan)
-    config = FastAttnConfig(plan=plan, family=family.name, kernel=kernel, step_mode=step_mode)
-    return _install(model, config, family)
+    geometry = check_plan(model, plan)
+    config = FastAttnConfig(plan=plan, geometry=geometry, kernel=kernel, step_mode=step_mode)
+    return _install(model, config)
 
 
-def _install(model: Any, config: FastAttnConfig | CalibrationConfig, family: Family) -> Any:
+def _install(model: Any, config: FastAttnConfig | CalibrationConfig) -> Any:
     import comfy.patcher_extension as ext
 
     m = model.clone()
     options = m.model_options.setdefault("transformer_options", {})
     options[CONFIG_KEY] = config
     slot = CallSlot()
-    if family.patched_modules:
-        for i in range(config.layers):
-            name = f"diffusion_model.blocks.{i}.attn"
-            module = m.get_model_object(name)
-            if getattr(module, "sr_ratio", 1) > 1:
-                raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
-            m.add_object_patch(f"{name}.forward", make_pixart_self_attention(module, slot))
-    else:
+    if config.geometry.attach == OVERRIDE:
         options[OVERRIDE_KEY] = make_override(options.get(OVERRIDE_KEY))
+    else:
+        MODULE_PATCHERS[config.geometry.attach](m, config.geometry, slot)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, fastattn_outer_sample)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, KEY, make_apply_model_wrapper(slot))
     if isinstance(config, CalibrationConfig):
         m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, KEY, fastattn_calc_cond_batch)
     return m
-
-
-def model_family(model: Any) -> tuple[Family, int]:
-    """The family of a ModelPatcher's model and its number of compressible layers."""
-    base = model.model
-    name = type(base).__name__
-    if name in _UNSUPPORTED_CLASSES:
-        raise UnsupportedModelError(f"{name} is not supported: {_UNSUPPORTED_CLASSES[name]}")
-    family = detect_family(base)
-    return family, layer_count(base, family)
 
 
 def calibration_patch(
@@ -99,11 +85,12 @@ def calibration_patch(
     sink: CalibrationSink,
     kernel: str = "auto",
     on_progress: Callable[[], None] | None = None,
+    geometry: Geometry | None = None,
 ) -> Any:
-    """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``."""
-    family, layers = model_family(model)
+    """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``
+    (``geometry``: the model's, when the caller has resolved it already)."""
     config = CalibrationConfig(
-        family=family.name, layers=layers, mode=mode, delta=delta, candidates=candidates,
+        geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
         window=window, sink=sink, kernel=kernel, on_progress=on_progress,
     )
-    return _install(model, config, family)
+    return _install(model, config)

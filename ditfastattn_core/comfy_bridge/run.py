@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..state import RunState
 from ..steps import STRICT, StepMapper
 from ..strategies import COND, UNCOND, Strategy
 from ..window import WindowSpec
-from .families import FAMILIES, Family
+from .families import Geometry
 
 log = logging.getLogger("ditfastattn")
 
@@ -45,7 +45,7 @@ class FastAttnConfig:
     """Apply a plan."""
 
     plan: Plan
-    family: str
+    geometry: Geometry
     kernel: str = "auto"
     step_mode: str = STRICT
 
@@ -76,8 +76,7 @@ class CalibrationSink:
 class CalibrationConfig:
     """Calibrate a plan during one sampling run."""
 
-    family: str
-    layers: int
+    geometry: Geometry
     mode: str
     delta: float
     candidates: tuple[Strategy, ...]
@@ -85,6 +84,10 @@ class CalibrationConfig:
     sink: CalibrationSink
     kernel: str = "auto"
     on_progress: Callable[[], None] | None = None
+
+    @property
+    def layers(self) -> int:
+        return self.geometry.layers
 
 
 class CallSlot:
@@ -122,8 +125,8 @@ class FastAttnRun:
         return cls(config=config, steps=steps, state=RunState())
 
     @property
-    def family(self) -> Family:
-        return FAMILIES[self.config.family]
+    def geometry(self) -> Geometry:
+        return self.config.geometry
 
     @property
     def calibrating(self) -> bool:
@@ -182,7 +185,7 @@ class FastAttnRun:
             self.report("unmapped", "a model call at a sigma off the schedule ran FULL "
                         "(expected for samplers that evaluate between steps)")
         try:
-            grid = self.family.grid(tuple(x.shape))
+            grid = self.geometry.grid(tuple(x.shape))
         except ValueError as e:
             self.report("grid", f"{e}; those calls run FULL")
             grid, step = None, None
@@ -223,6 +226,7 @@ class ModelCall:
     grid: tuple[int, ...] | None
     text_len: int | None
     layers_seen: int = 0
+    layers_done: set[int] = field(default_factory=set)
 
     def attention(
         self,
@@ -233,21 +237,37 @@ class ModelCall:
         heads: int,
         skip_reshape: bool,
         skip_output_reshape: bool,
+        block: Mapping[str, Any],
         unsupported: str | None,
         dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         passthrough: Callable[[], torch.Tensor],
     ) -> torch.Tensor:
-        """One attention call of this model call: compress it if it is image self-attention."""
+        """One attention call of this model call: compress it if it is image self-attention.
+
+        ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
+        (its transformer_options, or the patched module's own index)."""
         seq_q = q.shape[2] if skip_reshape else q.shape[1]
         seq_k = k.shape[2] if skip_reshape else k.shape[1]
         if seq_q != seq_k or self.grid is None:
             return passthrough()  # cross-attention, or a call we cannot place
-        tokens = self.run.family.token_layout(seq_q, self.grid, self.text_len)
+        geometry = self.run.geometry
+        tokens = geometry.token_layout(seq_q, self.grid, self.text_len)
         if tokens is None:
             return passthrough()  # text refiner
-        layer = self.layers_seen
+        layer = geometry.layer_of(block, self.layers_seen)
         self.layers_seen += 1
         run, state = self.run, self.run.state
+        if layer is None:
+            run.report("block_type", f"{geometry.label} attention calls of block type "
+                       f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")
+            return passthrough()
+        if layer in self.layers_done:
+            # the same block again in this model call: extra self-attention inside a block
+            # (Wan VACE's control streams); only the block's own first call is its layer
+            run.report("repeat", f"{geometry.label} ran extra self-attention inside block {layer} "
+                       "(e.g. VACE control streams); those calls ran FULL")
+            return passthrough()
+        self.layers_done.add(layer)
         if layer >= run.config.layers:
             run.report("layers", f"the model ran more self-attention layers than the plan's "
                        f"{run.config.layers}; the extra ones ran FULL")

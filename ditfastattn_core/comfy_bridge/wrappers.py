@@ -10,7 +10,7 @@ from ..calibrate import PaperCalibrator
 from ..loss import relative_l1
 from ..strategies import Strategy
 from .attention_hooks import is_ours, make_override
-from .families import FAMILIES
+from .families import OVERRIDE
 from .run import CALL_KEY, CONFIG_KEY, OVERRIDE_KEY, RUN_KEY, CallSlot, FastAttnConfig, FastAttnRun
 
 
@@ -95,7 +95,7 @@ def fastattn_outer_sample(executor, *args, **kwargs):
             run = FastAttnRun.start(config, args[3])
             options[RUN_KEY] = run
             current = options.get(OVERRIDE_KEY)
-            if not FAMILIES[config.family].patched_modules and not is_ours(current):
+            if config.geometry.attach == OVERRIDE and not is_ours(current):
                 options[OVERRIDE_KEY] = make_override(current)
         return executor(*args, **kwargs)
     finally:
