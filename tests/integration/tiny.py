@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+import types
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 
@@ -43,6 +46,10 @@ def _build(cls_name: str, unet_config: dict, params: str | None = None):
     import comfy.model_patcher
     import comfy.supported_models
 
+    if not hasattr(comfy.supported_models, cls_name):
+        import comfyui_version
+
+        pytest.skip(f"ComfyUI {comfyui_version.__version__} has no {cls_name}")
     mc = getattr(comfy.supported_models, cls_name)(_fill_required_fields(unet_config, params))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
@@ -107,6 +114,24 @@ def _three(length_a, length_b, dim, **extra_fn):
     """positive, negative (same length: batched CFG), negative of another length (separate)."""
     def extra(seed, length):
         return {k: f(seed, length) for k, f in extra_fn.items()}
+    return (_text(length_a, dim, 1, **extra(1, length_a)), _text(length_a, dim, 2, **extra(2, length_a)),
+            _text(length_b, dim, 3, **extra(3, length_b)))
+
+
+def _newer_than_this_tree(tiny: Tiny) -> Tiny:
+    """Skip a model this tree has but the pack supports only on newer ComfyUI (the refusal
+    itself is tested in test_refusals.py)."""
+    from ditfastattn_core.comfy_bridge import UnsupportedModelError, resolve
+
+    try:
+        resolve(tiny.patcher.model)
+    except UnsupportedModelError as e:
+        pytest.skip(str(e))
+    return tiny
+
+
+def _three_with(length_a, length_b, dim, extra):
+    """As ``_three``, with ``extra(seed, length)`` returning all extra conditioning keys at once."""
     return (_text(length_a, dim, 1, **extra(1, length_a)), _text(length_a, dim, 2, **extra(2, length_a)),
             _text(length_b, dim, 3, **extra(3, length_b)))
 
@@ -221,8 +246,179 @@ def cosmos() -> Tiny:
     return Tiny("cosmos", _build("CosmosT2V", cfg), torch.zeros(1, 16, 3, 8, 12), *_three(8, 7, 32))
 
 
+# ComfyUI 2026 families (0.29.0); on older trees their builders skip.
+
+
+def flux2() -> Tiny:
+    cfg = {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+           "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2,
+           "depth_single_blocks": 2, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False,
+           "guidance_embed": True, "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True,
+           "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
+    # text is left-padded to 512 tokens: only a longer negative runs in a separate call
+    return Tiny("flux2", _build("Flux2", cfg), torch.zeros(1, 128, 6, 8),
+                _cond(7, 32, 1, guidance=3.5), _cond(7, 32, 2, guidance=3.5), _cond(520, 32, 3, guidance=3.5))
+
+
+def chroma_radiance() -> Tiny:
+    cfg = {"image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "context_in_dim": 32,
+           "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+           "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 8, "qkv_bias": True, "in_dim": 64, "out_dim": 64,
+           "hidden_dim": 64, "n_layers": 1, "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1,
+           "nerf_max_freqs": 8, "nerf_tile_size": 0, "nerf_final_head_type": "linear",
+           "nerf_embedder_dtype": torch.float32, "use_x0": False, "use_sequential_txt_ids": False}
+    model = _build("ChromaRadiance", cfg, "comfy.ldm.chroma_radiance.model.ChromaRadianceParams")
+    return Tiny("chroma_radiance", model, torch.zeros(1, 3, 48, 64),
+                *_three(8, 7, 32, pooled_output=lambda s, n: None))
+
+
+def _hunyuan_extra(byt5: bool, vision: bool):
+    def extra(seed, length):
+        g = torch.Generator().manual_seed(100 + seed)
+        out = {"pooled_output": None}
+        if byt5:
+            out["conditioning_byt5small"] = torch.randn(1, 5, 1472, generator=g)
+        if vision:
+            out["clip_vision_output"] = types.SimpleNamespace(last_hidden_state=torch.randn(1, 4, 24, generator=g))
+        return out
+    return extra
+
+
+def hunyuan_video15() -> Tiny:
+    cfg = {"image_model": "hunyuan_video", "in_channels": 65, "out_channels": 32, "vec_in_dim": None,
+           "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+           "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 1, 1],
+           "qkv_bias": True, "guidance_embed": False, "byt5": True, "meanflow": False,
+           "use_cond_type_embedding": True, "vision_in_dim": 24, "meanflow_sum": True}
+    extra = _hunyuan_extra(byt5=True, vision=True)
+    return Tiny("hunyuan_video15", _build("HunyuanVideo15", cfg), torch.zeros(1, 32, 3, 6, 8),
+                *_three_with(8, 7, 32, extra))
+
+
+def hunyuan_image21() -> Tiny:
+    cfg = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "vec_in_dim": None,
+           "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+           "depth_single_blocks": 2, "axes_dim": [16, 16], "theta": 256, "patch_size": [1, 1], "qkv_bias": True,
+           "guidance_embed": False, "byt5": True, "meanflow": False}
+    model = _build("HunyuanImage21", cfg, "comfy.ldm.hunyuan_video.model.HunyuanVideoParams")
+    return Tiny("hunyuan_image21", model, torch.zeros(1, 64, 6, 8),
+                *_three_with(8, 7, 32, _hunyuan_extra(byt5=True, vision=False)))
+
+
+def _kandinsky5(cls_name: str, visual_embed_dim: int, latent: torch.Tensor, rope_scale: tuple) -> Tiny:
+    cfg = {"image_model": "kandinsky5", "in_visual_dim": 16, "out_visual_dim": 16, "in_text_dim": 32,
+           "in_text_dim2": 32, "time_dim": 32, "model_dim": 64, "ff_dim": 128, "visual_embed_dim": visual_embed_dim,
+           "patch_size": (1, 2, 2), "num_text_blocks": 2, "num_visual_blocks": 2, "axes_dims": (8, 12, 12),
+           "rope_scale_factor": rope_scale}
+    return Tiny(cls_name.lower(), _build(cls_name, cfg), latent,
+                *_three(8, 7, 32, pooled_output=lambda s, n: _pooled(32, s)))
+
+
+def kandinsky5() -> Tiny:  # video: noise 16 + image 16 + mask 1 channels, 2x2 patches
+    return _kandinsky5("Kandinsky5", 132, torch.zeros(1, 16, 3, 8, 10), (1.0, 2.0, 2.0))
+
+
+def kandinsky5_image() -> Tiny:
+    return _kandinsky5("Kandinsky5Image", 64, torch.zeros(1, 16, 8, 10), (1.0, 1.0, 1.0))
+
+
+def _z_image_config(**changes) -> dict:
+    # Z-Image's modulation needs dim >= 256
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
+           "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 8.0 / 3.0,
+           "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+           "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+    return {**cfg, **changes}
+
+
+def z_image() -> Tiny:
+    return Tiny("z_image", _build("ZImage", _z_image_config()), torch.zeros(1, 16, 12, 10), *_three(7, 40, 32))
+
+
+def z_image_edit() -> Tiny:
+    """Z-Image omni/edit: a reference image (and its text) in front of the main image."""
+    g = torch.Generator().manual_seed(5)
+    ref, ref_text = torch.randn(1, 16, 8, 6, generator=g), torch.randn(1, 5, 32, generator=g)
+    refs = {"reference_latents": lambda s, n: [ref], "reference_latents_text_embeds": lambda s, n: [ref_text]}
+    return Tiny("z_image_edit", _build("ZImage", _z_image_config()), torch.zeros(1, 16, 12, 10),
+                *_three(7, 40, 32, **refs))
+
+
+def z_image_pixel() -> Tiny:
+    cfg = _z_image_config(image_model="zimage_pixel", patch_size=4, in_channels=3, decoder_in_channels=48,
+                          decoder_hidden_size=32, decoder_num_res_blocks=1, decoder_max_freqs=8)
+    return Tiny("z_image_pixel", _build("ZImagePixelSpace", cfg), torch.zeros(1, 3, 24, 20), *_three(7, 40, 32))
+
+
+def qwen_image_edit() -> Tiny:
+    """Qwen-Image-Edit: reference latents appended after the image."""
+    cfg = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+           "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+           "axes_dims_rope": (8, 12, 12), "default_ref_method": "index"}
+    g = torch.Generator().manual_seed(5)
+    refs = [torch.randn(1, 16, 1, 8, 6, generator=g), torch.randn(1, 16, 1, 4, 4, generator=g)]
+    import comfy.ldm.qwen_image.model as qwen_model
+
+    # 0.3.64's Qwen-Image has no default_ref_method (it appends references all the same)
+    if "default_ref_method" not in inspect.signature(qwen_model.QwenImageTransformer2DModel.__init__).parameters:
+        cfg.pop("default_ref_method")
+    return Tiny("qwen_image_edit", _build("QwenImage", cfg), torch.zeros(1, 16, 1, 12, 10),
+                *_three(8, 7, 32, reference_latents=lambda s, n: refs))
+
+
+def mage_flow() -> Tiny:
+    cfg = {"image_model": "mage_flow", "in_channels": 128, "out_channels": 128, "num_layers": 2,
+           "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)}
+    return Tiny("mage_flow", _build("MageFlow", cfg), torch.zeros(1, 128, 6, 5), *_three(8, 7, 32))
+
+
+def _wan_config(**changes) -> dict:
+    cfg = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64,
+           "ffn_dim": 128, "freq_dim": 256, "text_dim": 32, "out_dim": 16, "num_heads": 2, "num_layers": 2,
+           "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+    return {**cfg, **changes}
+
+
+def wan_vace() -> Tiny:
+    g = torch.Generator().manual_seed(4)
+    streams = [torch.randn(1, 32, 3, 8, 6, generator=g) for _ in range(2)]
+    model = _build("WAN21_Vace", _wan_config(model_type="vace", vace_layers=1, vace_in_dim=96))
+    return _newer_than_this_tree(Tiny("wan_vace", model, torch.zeros(1, 16, 3, 8, 6), *_three(
+        8, 7, 32, vace_frames=lambda s, n: streams, vace_strength=lambda s, n: [1.0, 0.5])))
+
+
+def wan_s2v() -> Tiny:
+    g = torch.Generator().manual_seed(4)
+    ref, motion = torch.randn(1, 16, 1, 8, 8, generator=g), torch.randn(1, 16, 19, 8, 8, generator=g)
+    model = _build("WAN22_S2V", _wan_config(model_type="s2v", audio_dim=32, num_audio_token=4, cond_dim=16,
+                                            audio_inject_layers=[0, 1]))
+    return _newer_than_this_tree(Tiny("wan_s2v", model, torch.zeros(1, 16, 3, 8, 8), *_three(
+        8, 7, 32, reference_latents=lambda s, n: [ref], reference_motion=lambda s, n: motion)))
+
+
+def wan_animate() -> Tiny:
+    pose = torch.randn(1, 16, 2, 8, 6, generator=torch.Generator().manual_seed(4))
+    model = _build("WAN22_Animate", _wan_config(model_type="animate", in_dim=36))
+    return Tiny("wan_animate", model, torch.zeros(1, 16, 3, 8, 6), *_three(8, 7, 32, pose_video_latent=lambda s, n: pose))
+
+
+def anima() -> Tiny:
+    cfg = {"image_model": "anima", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+           "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "concat_padding_mask": True,
+           "model_channels": 64, "num_blocks": 2, "num_heads": 2, "crossattn_emb_channels": 1024,
+           "pos_emb_cls": "rope3d", "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1,
+           "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": 32}
+    # without t5xxl_ids the LLM adapter is skipped and c_crossattn is used as it is
+    return Tiny("anima", _build("Anima", cfg), torch.zeros(1, 16, 1, 12, 10), *_three(7, 11, 1024))
+
+
 BUILDERS = {
     "pixart": pixart, "pixart_alpha": pixart_alpha, "wan22": wan22, "flux": flux, "flux_kontext": flux_kontext, "chroma": chroma, "sd3": sd3, "wan": wan,
     "wan_i2v": wan_i2v, "hunyuan_video": hunyuan_video, "ltxv": ltxv, "lumina2": lumina2, "qwen_image": qwen_image,
     "hidream": hidream, "cosmos": cosmos, "cosmos_predict2": cosmos_predict2,
+    "flux2": flux2, "chroma_radiance": chroma_radiance, "hunyuan_video15": hunyuan_video15,
+    "hunyuan_image21": hunyuan_image21, "kandinsky5": kandinsky5, "kandinsky5_image": kandinsky5_image,
+    "z_image": z_image, "z_image_edit": z_image_edit, "z_image_pixel": z_image_pixel,
+    "qwen_image_edit": qwen_image_edit, "mage_flow": mage_flow, "wan_vace": wan_vace, "wan_s2v": wan_s2v,
+    "wan_animate": wan_animate, "anima": anima,
 }
