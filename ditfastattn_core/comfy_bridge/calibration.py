@@ -99,6 +99,10 @@ def calibrate(
     import comfy.sample
 
     geometry = model_geometry(model)
+    extra_devices = getattr(model, "get_additional_models_with_key", lambda key: [])("multigpu")
+    if extra_devices:
+        raise ValueError("Calibrate FastAttn Plan measures one forward against another on one device: connect "
+                         "the model before MultiGPU CFG Split (the plan it makes applies to the split model)")
     sink = CalibrationSink()
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,

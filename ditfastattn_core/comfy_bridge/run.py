@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,9 +91,10 @@ class CalibrationConfig:
         return self.geometry.layers
 
 
-class CallSlot:
+class CallSlot(threading.local):
     """Where attention modules that never see transformer_options (PixArt) find the current
-    model call. Shared by identity between the APPLY_MODEL wrapper and the module patches."""
+    model call. Shared by identity between the APPLY_MODEL wrapper and the module patches;
+    one value per thread (MultiGPU CFG Split runs model calls in parallel threads)."""
 
     def __init__(self) -> None:
         self.current: ModelCall | None = None
@@ -105,6 +107,11 @@ class FastAttnRun:
     config: FastAttnConfig | CalibrationConfig
     steps: StepMapper
     state: RunState
+    """The caches of the sampling device (the only ones, unless MultiGPU CFG Split runs)."""
+    device_states: dict[Any, RunState] = field(default_factory=dict)
+    """MultiGPU CFG Split: each extra device's worker thread keeps its own caches, so nothing is
+    shared, copied or waited for across devices."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
     reported: set[str] = field(default_factory=set)
     row_override: list[Strategy] | None = None
     """Paper calibration: the row the current (trial or writing) forward runs."""
@@ -133,9 +140,30 @@ class FastAttnRun:
         return isinstance(self.config, CalibrationConfig)
 
     def report(self, key: str, message: str) -> None:
-        if key not in self.reported:
+        with self.lock:
+            if key in self.reported:
+                return
             self.reported.add(key)
-            log.warning("FastAttn: %s", message)
+        log.warning("FastAttn: %s", message)
+
+    def state_for(self, options: Mapping[str, Any]) -> RunState:
+        """The caches of the device this model call runs on. ComfyUI's MultiGPU CFG Split runs
+        cond and uncond chunks at once, in one thread per device, marked in transformer_options."""
+        device = options.get("multigpu_thread_device")
+        if device is None:
+            return self.state
+        with self.lock:
+            state = self.device_states.get(device)
+            if state is None:
+                state = self.device_states[device] = RunState(self.state.schedule)
+                fresh = len(self.device_states) == 2
+            else:
+                fresh = False
+        if fresh:
+            self.report("multigpu", "MultiGPU CFG Split: each device keeps its own FastAttn caches; CFG sharing "
+                        "(ASC) between branches on different devices runs FULL, and a reuse whose step ran on "
+                        "another device is a miss (FULL)")
+        return state
 
     def explain_schedule_mismatch(self, sigmas: list[float]) -> None:
         plan = self.config.plan
@@ -204,10 +232,16 @@ class FastAttnRun:
                     self.fast.end_step(self.current_step)
                 self.fast.begin_step(step)
                 self.current_step = step
-        return ModelCall(run=self, step=step, cond_or_uncond=cond_or_uncond, grid=grid, text_len=text_len)
+        return ModelCall(run=self, state=self.state_for(options), step=step, cond_or_uncond=cond_or_uncond,
+                         grid=grid, text_len=text_len)
 
     def finish(self) -> None:
         stats = dict(self.state.stats)
+        for state in self.device_states.values():
+            for k, v in state.stats.items():
+                stats[k] = stats.get(k, 0) + v
+            state.reset()
+        self.device_states.clear()
         if stats:
             log.info("FastAttn run: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
         if self.calibrating:
@@ -221,6 +255,7 @@ class FastAttnRun:
 @dataclass
 class ModelCall:
     run: FastAttnRun
+    state: RunState
     step: int | None
     cond_or_uncond: tuple[int, ...]
     grid: tuple[int, ...] | None
@@ -256,7 +291,7 @@ class ModelCall:
             return passthrough()  # text refiner
         layer = geometry.layer_of(block, self.layers_seen)
         self.layers_seen += 1
-        run, state = self.run, self.run.state
+        run, state = self.run, self.state
         if layer is None:
             run.report("block_type", f"{geometry.label} attention calls of block type "
                        f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")
