@@ -79,6 +79,8 @@ def ksampler_inputs(model: Any, latent: dict, seed: int, samples: int = 1) -> tu
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent_image, **extra)
     if samples == 1:
         return latent_image, comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    if getattr(latent_image, "is_nested", False):
+        raise ValueError("samples > 1 with an audio-video latent (LTX-2) is not supported: use samples = 1")
     latent_image = latent_image.repeat(samples, *([1] * (latent_image.dim() - 1)))
     noise = torch.cat([
         comfy.sample.prepare_noise(latent_image[i : i + 1], seed + i) for i in range(latent_image.shape[0])

@@ -48,6 +48,15 @@ class UnsupportedModelError(ValueError):
     """The model is not a DiT family this pack can compress."""
 
 
+class UnplaceableCall(ValueError):
+    """A model call whose image self-attention cannot be told from its other attention calls, or
+    whose image tokens are not the latent's grid: all its calls run FULL (explained once, by key)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class Blocks:
     """A run of compressible layers: ``count(unet_config)`` blocks that ComfyUI marks with
@@ -105,6 +114,57 @@ def _fixed(order: str) -> Callable[[Any], str]:
     return lambda diffusion_model: order
 
 
+LatentShape = Callable[[tuple[int, ...], Mapping[str, Any]], tuple[int, ...]]
+CallCheck = Callable[[int, int | None, Mapping[str, Any]], None]
+
+
+def _own_shape(x_shape: tuple[int, ...], conds: Mapping[str, Any]) -> tuple[int, ...]:
+    return x_shape
+
+
+def _first_packed_latent(x_shape: tuple[int, ...], conds: Mapping[str, Any]) -> tuple[int, ...]:
+    """LTX-2 packs its video and audio latents into one x and passes their shapes as
+    ``latent_shapes`` (model_base unpacks them); the video latent is the first."""
+    shapes = conds.get("latent_shapes")
+    return tuple(shapes[0]) if shapes else x_shape
+
+
+def _placeable(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
+    return None
+
+
+def _ltx_check(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
+    """LTX models mark no blocks: a layer's video self-attention is its call with q and k both
+    the video's length. That holds only while no other sequence of the call has that length,
+    and while the video tokens are the latent's grid."""
+    guides = conds.get("keyframe_idxs")
+    if guides is not None and guides.shape[2] > 0:
+        raise UnplaceableCall("ltx_guides", (
+            "LTX keyframe guides (LTXVAddGuide) append guide tokens at the keyframes' positions and drop "
+            "masked ones, so the video tokens are not the latent's grid: model calls with guides run FULL"))
+    if text_len == tokens:
+        raise UnplaceableCall("ltx_text_length", (
+            f"the video has as many tokens as the text ({tokens}), so its self-attention cannot be told "
+            "from its text cross-attention: those model calls run FULL (change the video size by one "
+            "latent frame or row to compress them)"))
+
+
+def _ltx2_check(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
+    """As LTXV, and the audio (one token per audio latent frame, after any reference audio)
+    must not have the video's length either: audio self-attention and the audio-video
+    cross-attentions would look like video self-attention."""
+    _ltx_check(tokens, text_len, conds)
+    audio = sum(int(shape[2]) for shape in (conds.get("latent_shapes") or ())[1:])
+    reference = conds.get("ref_audio")
+    if reference is not None:
+        audio += int(reference["tokens"].shape[1])
+    if audio == tokens:
+        raise UnplaceableCall("ltx2_audio_length", (
+            f"the audio has as many tokens as the video ({tokens}), so LTX-2's video self-attention "
+            "cannot be told from its audio attention calls: those model calls run FULL (change the "
+            "video size or the audio length to compress them)"))
+
+
 def _hunyuan_order(diffusion_model: Any) -> str:
     """HunyuanVideo's double blocks put the image first (``flipped_img_txt``) in ComfyUI before
     2026-02; since then its joint sequence is [text, byt5/vision, reference, image]."""
@@ -144,6 +204,12 @@ class Family:
     keyed: bool = False
     """Every compressible call carries ``block_index`` on every ComfyUI the family is supported
     on, so a call without one is not a layer (Z-Image's refiners, text refiners)."""
+    latent_shape: LatentShape = _own_shape
+    """The image latent's shape in a model call, from x's shape and the call's conditioning
+    (LTX-2 packs its video and audio latents into one x)."""
+    check_call: CallCheck = _placeable
+    """Raises ``UnplaceableCall`` for a model call (image token count, text length, conditioning)
+    whose image self-attention cannot be placed safely."""
 
     def covers(self, base_model: Any) -> bool:
         if type(base_model).__name__ not in self.model_classes:
@@ -165,6 +231,7 @@ class Family:
             order=self.order(diffusion_model), text_from_context=self.text_from_context,
             joint_only=self.joint_only, attach=self.attach, block_offsets=offsets,
             pad_multiple=int(self.pad_multiple(diffusion_model)), keyed=self.keyed,
+            latent_shape=self.latent_shape, check_call=self.check_call,
         )
 
 
@@ -184,6 +251,15 @@ class Geometry:
     block_offsets: Mapping[str | None, int] = field(default_factory=dict)
     pad_multiple: int = 1
     keyed: bool = False
+    latent_shape: LatentShape = _own_shape
+    check_call: CallCheck = _placeable
+
+    def call_grid(self, x_shape: tuple[int, ...], text_len: int | None, conds: Mapping[str, Any]) -> tuple[int, ...]:
+        """The image token grid of one model call (x and its conditioning kwargs); raises
+        ``UnplaceableCall`` (or ValueError) where its image self-attention cannot be placed."""
+        grid = self.grid(self.latent_shape(x_shape, conds))
+        self.check_call(math.prod(grid), text_len, conds)
+        return grid
 
     def grid(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The image token grid of a latent (B, C, [T,] H, W)."""
@@ -272,6 +348,8 @@ FAMILIES: dict[str, Family] = {
                since="0.29.0", keyed=True),
         Family("ltxv", "LTXV", ("LTXV",), (Blocks(None, _key("num_layers")),), lambda c, m: (1, 1, 1),
                order=_fixed(IMAGE_ONLY)),
+        Family("ltx2", "LTX-2", ("LTXAV",), (Blocks(None, _key("num_layers")),), lambda c, m: (1, 1, 1),
+               order=_fixed(IMAGE_ONLY), since="0.29.0", latent_shape=_first_packed_latent, check_call=_ltx2_check),
         Family("lumina2", "Lumina 2", ("Lumina2",), (Blocks("double", _key("n_layers")),), _square_patch(),
                order=_fixed(IMAGE_LAST), joint_only=True, config_classes=("Lumina2",), pad_multiple=_lumina_padding),
         Family("z_image", "Z-Image", ("Lumina2",), (Blocks("double", _key("n_layers")),), _square_patch(),
@@ -294,8 +372,6 @@ FAMILIES: dict[str, Family] = {
 
 REFUSED: dict[str, str] = {
     "WAN21_CausalAR": "Wan CausalAR keeps a KV cache across calls, which window attention would corrupt",
-    "LTXAV": ("LTX-2's audio-video model marks no blocks, makes up to six attention calls per layer and "
-              "packs video and audio latents together; its video self-attention cannot yet be placed safely"),
     "HunyuanDiT": "HunyuanDiT's attention never sees transformer_options",
     "ErnieImage": "Ernie-Image's attention never sees transformer_options",
     "SeedVR2": "SeedVR2's attention never sees transformer_options",

@@ -25,7 +25,7 @@ from ..state import RunState
 from ..steps import STRICT, StepMapper
 from ..strategies import COND, UNCOND, Strategy
 from ..window import WindowSpec
-from .families import Geometry
+from .families import Geometry, UnplaceableCall
 
 log = logging.getLogger("ditfastattn")
 
@@ -207,17 +207,25 @@ class FastAttnRun:
         self.fast = cal if isinstance(cal, FastCalibrator) else None
         return cal
 
-    def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict) -> ModelCall:
+    def begin_call(
+        self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict,
+        conds: Mapping[str, Any] | None = None,
+    ) -> ModelCall:
+        """``conds``: the model call's other conditioning kwargs (where LTX-2 passes the shapes
+        of the latents it packs into x, and LTX its keyframe guides)."""
         step = self.steps.plan_step(float(sigma.reshape(-1)[0]))
         if step is None:
             self.report("unmapped", "a model call at a sigma off the schedule ran FULL "
                         "(expected for samplers that evaluate between steps)")
+        text_len = c_crossattn.shape[1] if isinstance(c_crossattn, torch.Tensor) and c_crossattn.dim() == 3 else None
         try:
-            grid = self.geometry.grid(tuple(x.shape))
+            grid = self.geometry.call_grid(tuple(x.shape), text_len, conds or {})
+        except UnplaceableCall as e:
+            self.report(e.key, str(e))
+            grid, step = None, None
         except ValueError as e:
             self.report("grid", f"{e}; those calls run FULL")
             grid, step = None, None
-        text_len = c_crossattn.shape[1] if isinstance(c_crossattn, torch.Tensor) and c_crossattn.dim() == 3 else None
         cond_or_uncond = tuple(options.get("cond_or_uncond") or (COND,))
         if grid is not None:
             self.explain_grid_mismatch(grid)

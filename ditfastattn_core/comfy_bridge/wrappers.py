@@ -21,7 +21,7 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         run: FastAttnRun | None = options.get(RUN_KEY)
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        call = run.begin_call(x, t, c_crossattn, options)
+        call = run.begin_call(x, t, c_crossattn, options, kwargs)
         options[CALL_KEY] = call
         slot.current = call
         try:

@@ -11,7 +11,7 @@ from ditfastattn_core import Plan, Schedule, Strategy, WindowSpec
 from ditfastattn_core.comfy_bridge import PlanMismatchError, apply_fastattn, detect_family, layer_count
 from ditfastattn_core.comfy_bridge.families import OVERRIDE
 
-from .tiny import BUILDERS
+from .tiny import BUILDERS, flat, noise_like, repeat_batch
 
 STEPS = 4
 
@@ -25,12 +25,11 @@ def sample(tiny, model=None, *, negative=None, sampler="euler", steps=STEPS, cfg
     import comfy.sample
 
     latent = tiny.latent
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(
-        model or tiny.patcher, noise, steps, cfg, sampler, "normal", tiny.positive,
+    return flat(comfy.sample.sample(
+        model or tiny.patcher, noise_like(latent, seed), steps, cfg, sampler, "normal", tiny.positive,
         negative if negative is not None else tiny.negative, latent, seed=seed, disable_pbar=True,
         callback=callback,
-    )
+    ))
 
 
 def plan_for(tiny, rows: list[str], window: WindowSpec | None = None) -> Plan:
@@ -113,7 +112,7 @@ def test_multi_call_samplers_map_deterministically(tiny, sampler):
 
 
 def test_batch_of_three(tiny):
-    tiny3 = type(tiny)(**{**tiny.__dict__, "latent": tiny.latent.repeat(3, *([1] * (tiny.latent.dim() - 1)))})
+    tiny3 = type(tiny)(**{**tiny.__dict__, "latent": repeat_batch(tiny.latent, 3)})
     patched = apply_fastattn(tiny.patcher, plan_for(tiny, uniform(tiny, "X")))
     out = sample(tiny3, patched)
     assert out.shape[0] == 3 and torch.isfinite(out).all()

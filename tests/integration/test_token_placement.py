@@ -21,7 +21,7 @@ from ditfastattn_core import Plan, Schedule
 from ditfastattn_core.comfy_bridge import apply_fastattn, model_geometry
 from ditfastattn_core.comfy_bridge.families import OVERRIDE
 
-from .tiny import BUILDERS
+from .tiny import BUILDERS, is_nested, noise_like
 
 
 def identity_attention(func, *args, **kwargs):
@@ -99,22 +99,36 @@ def expected_token(location: tuple[int, ...], latent: torch.Tensor, geometry) ->
     return index
 
 
+def perturbed_at(noise, location: tuple[int, ...]):
+    """The noise with one image latent location (all channels) raised."""
+    if is_nested(noise):
+        import comfy.nested_tensor
+
+        parts = [t.clone() for t in noise.unbind()]
+        parts[0] = perturbed_at(parts[0], location)
+        return comfy.nested_tensor.NestedTensor(parts)
+    noise = noise.clone()
+    noise[(slice(None), slice(None), *location)] += 3.0
+    return noise
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_windowed_positions_are_the_image_tokens_the_model_makes(name, monkeypatch):
     tiny = BUILDERS[name]()
-    base_noise = torch.randn(tiny.latent.shape, generator=torch.Generator().manual_seed(0))
+    base_noise = noise_like(tiny.latent, 0)
+    # a nested latent (LTX-2's video and audio): the image is its first part, the audio stays as it is
+    image = tiny.latent.unbind()[0] if is_nested(tiny.latent) else tiny.latent
     geometry, base = record_first_call(tiny, base_noise, monkeypatch)
     assert sorted(base) == list(range(geometry.layers)), f"layers routed at step 0: {sorted(base)}"
-    n = math.prod(geometry.grid(tuple(tiny.latent.shape)))
+    n = math.prod(geometry.grid(tuple(image.shape)))
     for layout, _ in base.values():
         assert layout.num_image == n
     # token-local everywhere only where our inner override reaches every attention call
     layers = range(geometry.layers) if geometry.attach == OVERRIDE else [0]
-    for location in probe_locations(tiny.latent, geometry.patch):
-        noise = base_noise.clone()
-        noise[(slice(None), slice(None), *location)] += 3.0
+    for location in probe_locations(image, geometry.patch):
+        noise = perturbed_at(base_noise, location)
         _, perturbed = record_first_call(tiny, noise, monkeypatch)
-        token = expected_token(location, tiny.latent, geometry)
+        token = expected_token(location, image, geometry)
         for layer in layers:
             layout, q0 = base[layer]
             changed = ((perturbed[layer][1] - q0).abs().amax(dim=(0, 2)) > 1e-6).nonzero().flatten().tolist()

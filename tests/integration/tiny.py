@@ -412,6 +412,63 @@ def anima() -> Tiny:
     return Tiny("anima", _build("Anima", cfg), torch.zeros(1, 16, 1, 12, 10), *_three(7, 11, 1024))
 
 
+def _ltx2(latent) -> Tiny:
+    cfg = {"image_model": "ltxav", "num_layers": 2, "in_channels": 128, "audio_in_channels": 128,
+           "cross_attention_dim": 64, "audio_cross_attention_dim": 32, "attention_head_dim": 32,
+           "audio_attention_head_dim": 16, "num_attention_heads": 2, "audio_num_attention_heads": 2,
+           "caption_channels": 64, "connector_attention_head_dim": 32, "connector_num_attention_heads": 2,
+           "connector_num_layers": 1, "num_learnable_registers": 8}
+    # raw caption features: the text connectors pad them with registers to 1024 tokens, so only a
+    # negative over 1024 tokens runs in a separate call
+    return Tiny("ltx2", _build("LTXAV", cfg), latent, _cond(7, 64, 1, frame_rate=25), _cond(7, 64, 2, frame_rate=25),
+                _cond(1030, 64, 3, frame_rate=25))
+
+
+def ltx2() -> Tiny:
+    """LTX-2 video without audio: a plain latent (B, 128, T, H, W), patch 1x1x1."""
+    return _ltx2(torch.zeros(1, 128, 3, 4, 6))
+
+
+def ltx2_av(audio_frames: int = 10) -> Tiny:
+    """LTX-2 video with audio: a nested latent (video, audio (B, 8, frames, 16)) that the sampler
+    packs into one x; one audio token per audio latent frame."""
+    import comfy.nested_tensor
+
+    return _ltx2(comfy.nested_tensor.NestedTensor((torch.zeros(1, 128, 3, 4, 6), torch.zeros(1, 8, audio_frames, 16))))
+
+
+def is_nested(latent) -> bool:
+    return getattr(latent, "is_nested", False)
+
+
+def noise_like(latent, seed: int):
+    """Gaussian noise shaped like a latent (each part of a nested one)."""
+    g = torch.Generator().manual_seed(seed)
+    if is_nested(latent):
+        import comfy.nested_tensor
+
+        return comfy.nested_tensor.NestedTensor([torch.randn(t.shape, generator=g) for t in latent.unbind()])
+    return torch.randn(latent.shape, generator=g)
+
+
+def repeat_batch(latent, n: int):
+    """The latent repeated to a batch of n (each part of a nested one)."""
+    def repeat(t):
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+    if is_nested(latent):
+        import comfy.nested_tensor
+
+        return comfy.nested_tensor.NestedTensor([repeat(t) for t in latent.unbind()])
+    return repeat(latent)
+
+
+def flat(samples) -> torch.Tensor:
+    """Sampled latents as one (B, ...) tensor (the parts of a nested one, packed)."""
+    if is_nested(samples):
+        return torch.cat([t.reshape(t.shape[0], -1) for t in samples.unbind()], dim=1)
+    return samples
+
+
 BUILDERS = {
     "pixart": pixart, "pixart_alpha": pixart_alpha, "wan22": wan22, "flux": flux, "flux_kontext": flux_kontext, "chroma": chroma, "sd3": sd3, "wan": wan,
     "wan_i2v": wan_i2v, "hunyuan_video": hunyuan_video, "ltxv": ltxv, "lumina2": lumina2, "qwen_image": qwen_image,
@@ -420,5 +477,5 @@ BUILDERS = {
     "hunyuan_image21": hunyuan_image21, "kandinsky5": kandinsky5, "kandinsky5_image": kandinsky5_image,
     "z_image": z_image, "z_image_edit": z_image_edit, "z_image_pixel": z_image_pixel,
     "qwen_image_edit": qwen_image_edit, "mage_flow": mage_flow, "wan_vace": wan_vace, "wan_s2v": wan_s2v,
-    "wan_animate": wan_animate, "anima": anima,
+    "wan_animate": wan_animate, "anima": anima, "ltx2": ltx2, "ltx2_av": ltx2_av,
 }

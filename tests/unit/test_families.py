@@ -48,7 +48,7 @@ def test_a_subclass_with_other_geometry_is_never_taken_for_its_parent():
         detect_family(long_cat)
 
 
-@pytest.mark.parametrize("name,reason", [("LTXAV", "LTX-2"), ("WAN21_CausalAR", "KV cache"),
+@pytest.mark.parametrize("name,reason", [("WAN21_CausalAR", "KV cache"),
                                          ("HunyuanDiT", "transformer_options")])
 def test_models_that_cannot_be_reached_safely_are_refused_by_name(name, reason):
     with pytest.raises(UnsupportedModelError, match=rf"{name} is not supported: .*{reason}"):
@@ -118,3 +118,37 @@ def test_every_family_names_its_classes_once():
             key = (cls, f.config_classes)
             assert key not in seen, f"{cls} is claimed by {seen[key]} and {f.name}"
             seen[key] = f.name
+
+
+LTX2 = {"num_layers": 3}
+
+
+def test_ltx2_takes_its_grid_from_the_packed_video_latent():
+    ltx2 = resolve(fake_model("LTXAV", LTX2))
+    assert (ltx2.family, ltx2.layers, ltx2.patch) == ("ltx2", 3, (1, 1, 1))
+    packed = (2, 1, 128 * 3 * 4 * 6 + 8 * 10 * 16)  # x: video and audio packed into one row
+    shapes = [(1, 128, 3, 4, 6), (1, 8, 10, 16)]
+    assert ltx2.call_grid(packed, 1024, {"latent_shapes": shapes}) == (3, 4, 6)
+    assert ltx2.call_grid((2, 128, 3, 4, 6), 1024, {"latent_shapes": [(1, 128, 3, 4, 6)]}) == (3, 4, 6)
+
+
+@pytest.mark.parametrize("conds,text_len,key", [
+    ({"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 72, 16)]}, 1024, "ltx2_audio_length"),
+    ({"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 70, 16)],
+      "ref_audio": {"tokens": types.SimpleNamespace(shape=(1, 2, 128))}}, 1024, "ltx2_audio_length"),
+    ({"latent_shapes": [(1, 128, 3, 4, 6)]}, 72, "ltx_text_length"),
+    ({"latent_shapes": [(1, 128, 4, 4, 6)], "keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 24, 2))},
+     1024, "ltx_guides"),
+])
+def test_ltx2_model_calls_whose_video_self_attention_is_ambiguous_are_refused(conds, text_len, key):
+    """72 video tokens: an audio, a text or guide tokens that could pass for them make the call FULL."""
+    ltx2 = resolve(fake_model("LTXAV", LTX2))
+    with pytest.raises(families.UnplaceableCall) as refused:
+        ltx2.call_grid((2, 1, 0), text_len, conds)
+    assert refused.value.key == key
+
+
+def test_ltx2_without_guides_or_equal_lengths_is_placed():
+    ltx2 = resolve(fake_model("LTXAV", LTX2))
+    conds = {"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 71, 16)], "keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 0, 2))}
+    assert ltx2.call_grid((2, 1, 0), 73, conds) == (3, 4, 6)
