@@ -412,7 +412,8 @@ def anima() -> Tiny:
     return Tiny("anima", _build("Anima", cfg), torch.zeros(1, 16, 1, 12, 10), *_three(7, 11, 1024))
 
 
-def _ltx2(latent) -> Tiny:
+def ltx2() -> Tiny:
+    """LTX-2 video without audio: a plain latent (B, 128, T, H, W), patch 1x1x1."""
     cfg = {"image_model": "ltxav", "num_layers": 2, "in_channels": 128, "audio_in_channels": 128,
            "cross_attention_dim": 64, "audio_cross_attention_dim": 32, "attention_head_dim": 32,
            "audio_attention_head_dim": 16, "num_attention_heads": 2, "audio_num_attention_heads": 2,
@@ -420,21 +421,18 @@ def _ltx2(latent) -> Tiny:
            "connector_num_layers": 1, "num_learnable_registers": 8}
     # raw caption features: the text connectors pad them with registers to 1024 tokens, so only a
     # negative over 1024 tokens runs in a separate call
-    return Tiny("ltx2", _build("LTXAV", cfg), latent, _cond(7, 64, 1, frame_rate=25), _cond(7, 64, 2, frame_rate=25),
-                _cond(1030, 64, 3, frame_rate=25))
-
-
-def ltx2() -> Tiny:
-    """LTX-2 video without audio: a plain latent (B, 128, T, H, W), patch 1x1x1."""
-    return _ltx2(torch.zeros(1, 128, 3, 4, 6))
+    return Tiny("ltx2", _build("LTXAV", cfg), torch.zeros(1, 128, 3, 4, 6), _cond(7, 64, 1, frame_rate=25),
+                _cond(7, 64, 2, frame_rate=25), _cond(1030, 64, 3, frame_rate=25))
 
 
 def ltx2_av(audio_frames: int = 10) -> Tiny:
     """LTX-2 video with audio: a nested latent (video, audio (B, 8, frames, 16)) that the sampler
     packs into one x; one audio token per audio latent frame."""
+    tiny = ltx2()  # skips on trees without LTX-2 (and nested latents)
     import comfy.nested_tensor
 
-    return _ltx2(comfy.nested_tensor.NestedTensor((torch.zeros(1, 128, 3, 4, 6), torch.zeros(1, 8, audio_frames, 16))))
+    tiny.latent = comfy.nested_tensor.NestedTensor((tiny.latent, torch.zeros(1, 8, audio_frames, 16)))
+    return tiny
 
 
 def is_nested(latent) -> bool:
