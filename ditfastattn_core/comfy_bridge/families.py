@@ -347,7 +347,7 @@ FAMILIES: dict[str, Family] = {
                (Blocks("double", _key("num_visual_blocks")),), _listed_patch(), order=_fixed(IMAGE_ONLY),
                since="0.29.0", keyed=True),
         Family("ltxv", "LTXV", ("LTXV",), (Blocks(None, _key("num_layers")),), lambda c, m: (1, 1, 1),
-               order=_fixed(IMAGE_ONLY)),
+               order=_fixed(IMAGE_ONLY), check_call=_ltx_check),
         Family("ltx2", "LTX-2", ("LTXAV",), (Blocks(None, _key("num_layers")),), lambda c, m: (1, 1, 1),
                order=_fixed(IMAGE_ONLY), since="0.29.0", latent_shape=_first_packed_latent, check_call=_ltx2_check),
         Family("lumina2", "Lumina 2", ("Lumina2",), (Blocks("double", _key("n_layers")),), _square_patch(),

@@ -38,11 +38,9 @@ def test_ltx2_audio_as_long_as_the_video_runs_full(caplog):
     _fully_dense_and_explained_once(tiny, "the audio has as many tokens as the video (72)", caplog)
 
 
-@pytest.mark.parametrize("builder", [tiny_models.ltx2])
+@pytest.mark.parametrize("builder", [tiny_models.ltxv, tiny_models.ltx2], ids=["ltxv", "ltx2"])
 def test_keyframe_guides_run_full(builder, caplog):
     """LTXVAddGuide appends the guide's latent frames, whose tokens sit at the keyframe's positions."""
-    import comfy.nested_tensor  # noqa: F401  (0.29.0 and later: the builder skips elsewhere)
-
     tiny = builder()
     nodes_lt = pytest.importorskip("comfy_extras.nodes_lt")
     guide = torch.randn(1, 128, 1, 4, 6, generator=torch.Generator().manual_seed(3))

@@ -152,3 +152,13 @@ def test_ltx2_without_guides_or_equal_lengths_is_placed():
     ltx2 = resolve(fake_model("LTXAV", LTX2))
     conds = {"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 71, 16)], "keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 0, 2))}
     assert ltx2.call_grid((2, 1, 0), 73, conds) == (3, 4, 6)
+
+
+def test_ltxv_model_calls_with_guides_or_text_as_long_as_the_video_are_refused():
+    """LTXV shares LTX-2's model code: same guides, same call-order keying."""
+    ltxv = resolve(fake_model("LTXV", LTX2))
+    assert ltxv.call_grid((2, 128, 3, 4, 6), 128, {}) == (3, 4, 6)
+    with pytest.raises(families.UnplaceableCall, match="as many tokens as the text"):
+        ltxv.call_grid((2, 128, 3, 4, 6), 72, {})
+    with pytest.raises(families.UnplaceableCall, match="keyframe guides"):
+        ltxv.call_grid((2, 128, 4, 4, 6), 128, {"keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 24, 2))})
