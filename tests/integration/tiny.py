@@ -383,8 +383,10 @@ def wan_vace() -> Tiny:
     g = torch.Generator().manual_seed(4)
     streams = [torch.randn(1, 32, 3, 8, 6, generator=g) for _ in range(2)]
     model = _build("WAN21_Vace", _wan_config(model_type="vace", vace_layers=1, vace_in_dim=96))
+    masks = [torch.ones(1, 64, 3, 8, 6)] * 2  # given, so a batch of several latents keeps batch-1 streams
     return _newer_than_this_tree(Tiny("wan_vace", model, torch.zeros(1, 16, 3, 8, 6), *_three(
-        8, 7, 32, vace_frames=lambda s, n: streams, vace_strength=lambda s, n: [1.0, 0.5])))
+        8, 7, 32, vace_frames=lambda s, n: streams, vace_mask=lambda s, n: masks,
+        vace_strength=lambda s, n: [1.0, 0.5])))
 
 
 def wan_s2v() -> Tiny:
