@@ -133,6 +133,17 @@ def _placeable(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> N
     return None
 
 
+def _text_not_as_long_as_image(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
+    """Image-only families with a separate text cross-attention, where a tree marks no blocks:
+    a layer's self-attention is its call with q and k both the image's length, which holds only
+    while the text does not have that length too."""
+    if text_len == tokens:
+        raise UnplaceableCall("text_length", (
+            f"the image has as many tokens as the text ({tokens}), so its self-attention cannot be told "
+            "from its text cross-attention: those model calls run FULL (change the size by one latent "
+            "frame or row to compress them)"))
+
+
 def _ltx_check(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
     """LTX models mark no blocks: a layer's video self-attention is its call with q and k both
     the video's length. That holds only while no other sequence of the call has that length,
@@ -142,11 +153,7 @@ def _ltx_check(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> N
         raise UnplaceableCall("ltx_guides", (
             "LTX keyframe guides (LTXVAddGuide) append guide tokens at the keyframes' positions and drop "
             "masked ones, so the video tokens are not the latent's grid: model calls with guides run FULL"))
-    if text_len == tokens:
-        raise UnplaceableCall("ltx_text_length", (
-            f"the video has as many tokens as the text ({tokens}), so its self-attention cannot be told "
-            "from its text cross-attention: those model calls run FULL (change the video size by one "
-            "latent frame or row to compress them)"))
+    _text_not_as_long_as_image(tokens, text_len, conds)
 
 
 def _ltx2_check(tokens: int, text_len: int | None, conds: Mapping[str, Any]) -> None:
@@ -332,7 +339,7 @@ FAMILIES: dict[str, Family] = {
                (Blocks(None, lambda c: int(_key("depth")(c)) + len(c.get("x_block_self_attn_layers") or [])),),
                _square_patch()),
         Family("wan", "Wan", ("WAN21", "WAN22", "WAN22_Animate"), (Blocks("double", _key("num_layers")),),
-               _listed_patch(), order=_fixed(IMAGE_ONLY)),
+               _listed_patch(), order=_fixed(IMAGE_ONLY), check_call=_text_not_as_long_as_image),
         Family("wan_vace", "Wan VACE", ("WAN21_Vace",), (Blocks("double", _key("num_layers")),), _listed_patch(),
                order=_fixed(IMAGE_ONLY), since="0.29.0", keyed=True),
         Family("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), (Blocks("double", _key("num_layers")),), _listed_patch(),
@@ -364,7 +371,7 @@ FAMILIES: dict[str, Family] = {
         Family("hidream", "HiDream", ("HiDream",),
                (Blocks(None, _sum("num_layers", "num_single_layers")),), _square_patch(), order=_fixed(IMAGE_FIRST)),
         Family("cosmos", "Cosmos", ("CosmosVideo", "CosmosPredict2"), (Blocks(None, _key("num_blocks")),),
-               _cosmos_patch, order=_fixed(IMAGE_ONLY)),
+               _cosmos_patch, order=_fixed(IMAGE_ONLY), check_call=_text_not_as_long_as_image),
         Family("anima", "Anima", ("Anima",), (Blocks(None, _key("num_blocks")),), _cosmos_patch,
                order=_fixed(IMAGE_ONLY), since="0.29.0", keyed=True),
     )

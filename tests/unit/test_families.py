@@ -136,7 +136,7 @@ def test_ltx2_takes_its_grid_from_the_packed_video_latent():
     ({"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 72, 16)]}, 1024, "ltx2_audio_length"),
     ({"latent_shapes": [(1, 128, 3, 4, 6), (1, 8, 70, 16)],
       "ref_audio": {"tokens": types.SimpleNamespace(shape=(1, 2, 128))}}, 1024, "ltx2_audio_length"),
-    ({"latent_shapes": [(1, 128, 3, 4, 6)]}, 72, "ltx_text_length"),
+    ({"latent_shapes": [(1, 128, 3, 4, 6)]}, 72, "text_length"),
     ({"latent_shapes": [(1, 128, 4, 4, 6)], "keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 24, 2))},
      1024, "ltx_guides"),
 ])
@@ -162,3 +162,16 @@ def test_ltxv_model_calls_with_guides_or_text_as_long_as_the_video_are_refused()
         ltxv.call_grid((2, 128, 3, 4, 6), 72, {})
     with pytest.raises(families.UnplaceableCall, match="keyframe guides"):
         ltxv.call_grid((2, 128, 4, 4, 6), 128, {"keyframe_idxs": types.SimpleNamespace(shape=(1, 3, 24, 2))})
+
+
+@pytest.mark.parametrize("name,config,latent", [
+    ("WAN21", {"num_layers": 2, "patch_size": (1, 2, 2)}, (1, 16, 2, 8, 8)),
+    ("CosmosVideo", {"num_blocks": 2}, (1, 16, 2, 8, 8)),
+])
+def test_image_only_families_refuse_a_text_as_long_as_the_image(name, config, latent):
+    """32 image tokens: where the tree marks no blocks, a 32-token text cross-attention would
+    pass for the self-attention of the next layer."""
+    geometry = resolve(fake_model(name, config))
+    assert geometry.call_grid(latent, 31, {}) == (2, 4, 4)
+    with pytest.raises(families.UnplaceableCall, match="as many tokens as the text"):
+        geometry.call_grid(latent, 32, {})
