@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import plan_folder
+from . import demo, plan_folder
 from .apply import ApplyFastAttn
 from .calibrate import CalibratePlan
 from .plans import LoadPlan, SavePlan
 
 plan_folder.register()
+demo.register()
 
 
 class FastAttnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CalibratePlan, ApplyFastAttn, LoadPlan, SavePlan]
+        return [CalibratePlan, ApplyFastAttn, LoadPlan, SavePlan, demo.DemoClassConditioning,
+                demo.DemoLatentToImage]
