@@ -32,6 +32,12 @@ class CalibrationRequest:
     window: WindowSpec = WindowSpec()
     samples: int = 1
     kernel: str = "auto"
+    start_step: int = 0
+    """KSamplerAdvanced's start_at_step: calibrate this range of the schedule only (two-expert
+    graphs calibrate one plan per expert, each on its own range)."""
+    end_step: int = 10000
+    add_noise: bool = True
+    return_with_leftover_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.delta > 0:
@@ -47,6 +53,9 @@ class CalibrationRequest:
             raise ValueError(f"samples must be in [1, 64], got {self.samples}")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
+        if not 0 <= self.start_step < min(self.steps, self.end_step):
+            raise ValueError(f"start_at_step {self.start_step} leaves nothing to sample (steps {self.steps}, "
+                             f"end_at_step {self.end_step}): choose a start below both")
 
 
 @dataclass
@@ -87,13 +96,18 @@ def calibrate(
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
     if request.samples > 1:
         latent_image = latent_image.repeat(request.samples, *([1] * (latent_image.dim() - 1)))
-    noise = torch.cat([
-        comfy.sample.prepare_noise(latent_image[i : i + 1], request.seed + i)
-        for i in range(latent_image.shape[0])
-    ])
+    if request.add_noise:
+        noise = torch.cat([
+            comfy.sample.prepare_noise(latent_image[i : i + 1], request.seed + i)
+            for i in range(latent_image.shape[0])
+        ])
+    else:  # as KSamplerAdvanced: the latent already holds the noise (a previous expert's output)
+        noise = torch.zeros(latent_image.shape, dtype=latent_image.dtype, device="cpu")
     samples = comfy.sample.sample(
         patched, noise, request.steps, request.cfg, request.sampler_name, request.scheduler,
-        positive, negative, latent_image, denoise=request.denoise, noise_mask=latent.get("noise_mask"),
+        positive, negative, latent_image, denoise=request.denoise, disable_noise=not request.add_noise,
+        start_step=request.start_step, last_step=request.end_step,
+        force_full_denoise=not request.return_with_leftover_noise, noise_mask=latent.get("noise_mask"),
         seed=request.seed, disable_pbar=True, callback=callback,
     )
     if sink.calibrator is None or sink.sample_sigmas is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..kernels import usable_kernel
 from ..plan import Plan
 from ..steps import STRICT, StepMapper
 from ..strategies import Strategy
 from ..window import WindowSpec
-from .attention_hooks import make_override, make_pixart_self_attention
+from .attention_hooks import is_ours, make_override, make_pixart_self_attention
 from .families import Family, UnsupportedModelError, detect_family, layer_count
 from .run import (
     CONFIG_KEY,
@@ -24,8 +25,6 @@ from .run import (
 from .wrappers import fastattn_calc_cond_batch, fastattn_outer_sample, make_apply_model_wrapper
 
 _UNSUPPORTED_CLASSES = {"WAN22_S2V": "Wan 2.2 S2V blocks do not pass transformer_options to attention"}
-
-
 
 
 def check_plan(model: Any, plan: Plan) -> Family:
@@ -46,20 +45,22 @@ def check_plan(model: Any, plan: Plan) -> Family:
 
 def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
     """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
-    from ..kernels import kernel_names
-
-    if kernel not in kernel_names():
-        raise ValueError(f"unknown window kernel {kernel!r}; choose one of {kernel_names()}")
-    StepMapper.for_run([float(s) for s in plan.sigmas], plan.steps, step_mode)  # validates mode
+    kernel = usable_kernel(kernel, model.load_device)
+    StepMapper.for_run(plan.sigmas, plan.sigmas, step_mode)  # validates the mode
     family = check_plan(model, plan)
     config = FastAttnConfig(plan=plan, family=family.name, kernel=kernel, step_mode=step_mode)
     return _install(model, config, family)
 
 
 def _install(model: Any, config: FastAttnConfig | CalibrationConfig, family: Family) -> Any:
+    """A clone of ``model`` with ``config`` installed. On a model that already carries
+    FastAttn (two Apply nodes in a row, Calibrate after Apply), the new config replaces the
+    old one: attention goes through the pack once, other overrides stay chained."""
     import comfy.patcher_extension as ext
 
     m = model.clone()
+    for wrapper_type in (ext.WrappersMP.OUTER_SAMPLE, ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.CALC_COND_BATCH):
+        m.remove_wrappers_with_key(wrapper_type, KEY)
     options = m.model_options.setdefault("transformer_options", {})
     options[CONFIG_KEY] = config
     slot = CallSlot()
@@ -71,7 +72,8 @@ def _install(model: Any, config: FastAttnConfig | CalibrationConfig, family: Fam
                 raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
             m.add_object_patch(f"{name}.forward", make_pixart_self_attention(module, slot))
     else:
-        options[OVERRIDE_KEY] = make_override(options.get(OVERRIDE_KEY))
+        previous = options.get(OVERRIDE_KEY)
+        options[OVERRIDE_KEY] = make_override(previous.previous if is_ours(previous) else previous)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, fastattn_outer_sample)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, KEY, make_apply_model_wrapper(slot))
     if isinstance(config, CalibrationConfig):
@@ -104,6 +106,6 @@ def calibration_patch(
     family, layers = model_family(model)
     config = CalibrationConfig(
         family=family.name, layers=layers, mode=mode, delta=delta, candidates=candidates,
-        window=window, sink=sink, kernel=kernel, on_progress=on_progress,
+        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), on_progress=on_progress,
     )
     return _install(model, config, family)
