@@ -8,10 +8,10 @@ tell a valid entry from a stale one (a skipped model call, another sample, anoth
 
 A step may hold several model calls (heun's corrector and dpmpp_2s_ancestral's second
 evaluation land on the next step's sigma), and each of them must find what its strategy
-reads. So nothing is freed while a step runs: ``begin_step`` frees, when the first call of a
-new step arrives, what neither that step nor a later one reads. Outputs are kept per step
-(the current one and the one before), so the second call of an AST step still finds the
-previous step's output after the first call stored its own.
+reads, and some look one step ahead and come back (heunpp2). So nothing is freed while a
+step runs: ``begin_step`` frees, when a call first reaches a new step, what neither the step
+before it nor a later one reads. Outputs are kept per step, so the second call of an AST step
+still finds the previous step's output after the first call stored its own.
 
 With a ``schedule`` (the plan's strategies) the state looks ahead and keeps only what a
 later step will read. Without one (calibration, where the future is being decided) it keeps
@@ -53,7 +53,7 @@ class RunState:
     """Cache misses (a strategy that fell back), counted even while frozen: calibration
     uses it to reject a candidate that only looked good because it silently ran dense."""
     step: int | None = None
-    """The step whose calls are running (set by ``begin_step``)."""
+    """The furthest step a model call has reached (set by ``begin_step``)."""
 
     # --- what to keep ---------------------------------------------------------------------
     def keeps_residual(self, step: int, layer: int, branch: int) -> bool:
@@ -113,21 +113,25 @@ class RunState:
 
     # --- lifetime ---------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        """A model call of ``step`` starts: free what no call of this step or a later one
-        reads. Only the first call of a step frees; read-only forwards free nothing."""
-        if self.frozen or step == self.step:
+        """A model call of ``step`` starts. When it is the furthest step reached so far, free
+        what no call of the step before it, or of a later one, reads: samplers look one step
+        ahead and come back (heunpp2 evaluates at sigma i+2 while at step i, then continues
+        at i+1), never further. Read-only forwards free nothing."""
+        if self.frozen or (self.step is not None and step <= self.step):
             return
         self.step = step
+        oldest = step - 1
         for key in list(self.outputs):
-            kept = {s: t for s, t in self.outputs[key].items() if s >= step - 1 and self._reads_output(s, key)}
+            kept = {s: t for s, t in self.outputs[key].items() if s >= oldest - 1 and self._reads_output(s, key)}
             if kept:
                 self.outputs[key] = kept
             else:
                 del self.outputs[key]
         if self.schedule is not None:
-            for key in [k for k in self.residuals if not self.schedule.reads_residual_from(step, k[0], k[1])]:
+            dead = [k for k in self.residuals if not self.schedule.reads_residual_from(max(oldest, 0), k[0], k[1])]
+            for key in dead:
                 del self.residuals[key]
-        for layer in [k for k, e in self.shared_cond.items() if e.step < step]:
+        for layer in [k for k, e in self.shared_cond.items() if e.step < oldest]:
             del self.shared_cond[layer]
 
     def _reads_output(self, step: int, key: Key) -> bool:
