@@ -45,9 +45,9 @@ def check_plan(model: Any, plan: Plan) -> Family:
 
 def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
     """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
-    kernel = usable_kernel(kernel, model.load_device)
     StepMapper.for_run(plan.sigmas, plan.sigmas, step_mode)  # validates the mode
     family = check_plan(model, plan)
+    kernel = usable_kernel(kernel, model.load_device)
     config = FastAttnConfig(plan=plan, family=family.name, kernel=kernel, step_mode=step_mode)
     return _install(model, config, family)
 
