@@ -44,7 +44,7 @@ class RunState:
     schedule: Schedule | None = None
     residuals: dict[Key, _Entry] = field(default_factory=dict)
     outputs: dict[Key, dict[int, torch.Tensor]] = field(default_factory=dict)
-    """Per key, the output stored at each step still readable (this one and the previous)."""
+    """Per key, the output stored at each step a call may still read (see ``begin_step``)."""
     shared_cond: dict[int, _Entry] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
     frozen: bool = False
