@@ -171,13 +171,14 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         base = strategy
 
     # 2. What each remaining chunk computes: cached output, window + residual, or dense.
-    dense_chunks, window_chunks, residuals = [], [], {}
+    dense_chunks, window_chunks, residuals, reused = [], [], {}, {}
     for i, c in enumerate(chunks):
         if i in copy_from:
             continue
         if base is Strategy.AST:
             prev = state.previous_output(step, call.key(c), call.shape(c))
             if prev is not None:
+                reused[i] = prev
                 call.out[i] = prev.clone()
                 continue
             state.miss("ast_miss")
@@ -199,10 +200,9 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn, result=False), strict=True):
         state.put_residual(step, call.key(chunks[i]), call.out[i] - w)
     for i, w in zip(window_chunks, call.run([chunks[i] for i in window_chunks], call.window_fn), strict=True):
-        call.out[i] = w.add_(residuals[i])  # w is the kernel's fresh output
-    for i, c in enumerate(chunks):
-        if i not in refresh and not state.keeps_residual(step, layer, c.branch):
-            state.drop_residual(call.key(c))
+        # w is the kernel's fresh output: add in place, unless autograd may be recording
+        # (it refuses in-place writes on the split views it tracks)
+        call.out[i] = w + residuals[i] if torch.is_grad_enabled() else w.add_(residuals[i])
     for i, src in copy_from.items():
         call.out[i] = call.out[chunks.index(src)] if isinstance(src, Chunk) else src
 
@@ -211,9 +211,8 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         state.publish_cond(step, layer, call.out[0])
     for i, c in enumerate(chunks):
         if state.keeps_output(step, layer):
-            state.put_output(step, call.key(c), call.out[i])
-        else:
-            state.drop_output(call.key(c))
+            # a reused output is stored as the tensor it came from: no second copy
+            state.put_output(step, call.key(c), reused.get(i, call.out[i]))
         state.count(_action(i, copy_from, window_chunks, dense_chunks))
     return call.assemble()
 

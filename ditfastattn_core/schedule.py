@@ -86,6 +86,13 @@ class Schedule:
         """Does a later step read this layer's ``branch`` residual before its next FULL?"""
         return self._reads_later.get((step, layer, branch), False)
 
+    def reads_residual_from(self, step: int, layer: int, branch: int) -> bool:
+        """Does ``step`` or a later step read this layer's ``branch`` residual (before the
+        FULL step after them refreshes it)?"""
+        if step >= self.steps:
+            return False
+        return self.rows[step][layer].reads_residual(branch) or self.reads_residual_later(step, layer, branch)
+
     def residual_source(self, step: int, layer: int) -> int:
         """The FULL step whose residual a WA_RS step reads (-1: none)."""
         return self._source.get((step, layer), -1)

@@ -6,6 +6,13 @@ One ``RunState`` lives for one sampling run (the sampler hook creates it and cal
 all sample rows of that chunk; every entry records the step that wrote it, so a reader can
 tell a valid entry from a stale one (a skipped model call, another sample, another step).
 
+A step may hold several model calls (heun's corrector and dpmpp_2s_ancestral's second
+evaluation land on the next step's sigma), and each of them must find what its strategy
+reads, and some look one step ahead and come back (heunpp2). So nothing is freed while a
+step runs: ``begin_step`` frees, when a call first reaches a new step, what neither the step
+before it nor a later one reads. Outputs are kept per step, so the second call of an AST step
+still finds the previous step's output after the first call stored its own.
+
 With a ``schedule`` (the plan's strategies) the state looks ahead and keeps only what a
 later step will read. Without one (calibration, where the future is being decided) it keeps
 everything a candidate could read.
@@ -36,7 +43,8 @@ class _Entry:
 class RunState:
     schedule: Schedule | None = None
     residuals: dict[Key, _Entry] = field(default_factory=dict)
-    outputs: dict[Key, _Entry] = field(default_factory=dict)
+    outputs: dict[Key, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """Per key, the output stored at each step a call may still read (see ``begin_step``)."""
     shared_cond: dict[int, _Entry] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
     frozen: bool = False
@@ -44,6 +52,8 @@ class RunState:
     misses: int = 0
     """Cache misses (a strategy that fell back), counted even while frozen: calibration
     uses it to reject a candidate that only looked good because it silently ran dense."""
+    step: int | None = None
+    """The furthest step a model call has reached (set by ``begin_step``)."""
 
     # --- what to keep ---------------------------------------------------------------------
     def keeps_residual(self, step: int, layer: int, branch: int) -> bool:
@@ -68,10 +78,10 @@ class RunState:
 
     def previous_output(self, step: int, key: Key, shape: torch.Size) -> torch.Tensor | None:
         """This layer's output of the step right before ``step`` (AST), else None."""
-        entry = self.outputs.get(key)
-        if entry is None or entry.step != step - 1 or entry.tensor.shape != shape:
+        tensor = self.outputs.get(key, {}).get(step - 1)
+        if tensor is None or tensor.shape != shape:
             return None
-        return entry.tensor
+        return tensor
 
     def shared(self, step: int, layer: int, shape: torch.Size) -> torch.Tensor | None:
         """The conditional output published by a separate cond call at this very step."""
@@ -85,17 +95,9 @@ class RunState:
         if not self.frozen:
             self.residuals[key] = _Entry(step, tensor)
 
-    def drop_residual(self, key: Key) -> None:
-        if not self.frozen:
-            self.residuals.pop(key, None)
-
     def put_output(self, step: int, key: Key, tensor: torch.Tensor) -> None:
         if not self.frozen:
-            self.outputs[key] = _Entry(step, tensor)
-
-    def drop_output(self, key: Key) -> None:
-        if not self.frozen:
-            self.outputs.pop(key, None)
+            self.outputs.setdefault(key, {})[step] = tensor
 
     def publish_cond(self, step: int, layer: int, tensor: torch.Tensor) -> None:
         if not self.frozen:
@@ -110,6 +112,31 @@ class RunState:
         self.count(what)
 
     # --- lifetime ---------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """A model call of ``step`` starts. When it is the furthest step reached so far, free
+        what no call of the step before it, or of a later one, reads: samplers look one step
+        ahead and come back (heunpp2 evaluates at sigma i+2 while at step i, then continues
+        at i+1), never further. Read-only forwards free nothing."""
+        if self.frozen or (self.step is not None and step <= self.step):
+            return
+        self.step = step
+        oldest = step - 1
+        for key in list(self.outputs):
+            kept = {s: t for s, t in self.outputs[key].items() if s >= oldest - 1 and self._reads_output(s, key)}
+            if kept:
+                self.outputs[key] = kept
+            else:
+                del self.outputs[key]
+        if self.schedule is not None:
+            dead = [k for k in self.residuals if not self.schedule.reads_residual_from(max(oldest, 0), k[0], k[1])]
+            for key in dead:
+                del self.residuals[key]
+        for layer in [k for k, e in self.shared_cond.items() if e.step < oldest]:
+            del self.shared_cond[layer]
+
+    def _reads_output(self, step: int, key: Key) -> bool:
+        return self.schedule is None or self.schedule.next_is_ast(step, key[0])
+
     @contextlib.contextmanager
     def read_only(self) -> Iterator[None]:
         """Trial forwards: read caches, write nothing."""
@@ -126,8 +153,9 @@ class RunState:
         self.stats.clear()
         self.frozen = False
         self.misses = 0
+        self.step = None
 
     def cache_bytes(self) -> int:
-        tensors = [e.tensor for d in (self.residuals, self.outputs) for e in d.values()]
-        tensors += [e.tensor for e in self.shared_cond.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = {id(t): t for per_step in self.outputs.values() for t in per_step.values()}
+        tensors.update((id(e.tensor), e.tensor) for d in (self.residuals, self.shared_cond) for e in d.values())
+        return sum(t.numel() * t.element_size() for t in tensors.values())

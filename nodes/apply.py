@@ -27,8 +27,10 @@ class ApplyFastAttn(io.ComfyNode):
                                tooltip="Window-attention kernel; auto picks the fastest that can run the "
                                "plan's window on this device."),
                 io.Combo.Input("step_matching", options=list(STEP_MODES), default=STRICT,
-                               tooltip="strict: the sampler must use the plan's step count. normalised: "
-                               "map steps by their relative position (a plan for 20 steps on 30)."),
+                               tooltip="strict: the sampler samples the plan's schedule or a range of it "
+                               "(KSamplerAdvanced start/end steps, denoise), matched by sigma, or uses the plan's "
+                               "step count. normalised: otherwise map steps by their relative position (a plan "
+                               "for 20 steps on 30)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FastAttn; bypass this node to turn it off.")],
         )

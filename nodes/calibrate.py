@@ -64,6 +64,16 @@ class CalibratePlan(io.ComfyNode):
                 io.Int.Input("samples", default=1, min=1, max=64,
                              tooltip="Calibrate on this many seeds (seed, seed+1, ...) at once: one joint decision."),
                 io.Combo.Input("window_kernel", options=kernel_names(), default="auto"),
+                io.Int.Input("start_at_step", default=0, min=0, max=10000, optional=True,
+                             tooltip="As KSamplerAdvanced: calibrate and sample from this step on (e.g. the "
+                             "second expert of Wan 2.2)."),
+                io.Int.Input("end_at_step", default=10000, min=0, max=10000, optional=True,
+                             tooltip="As KSamplerAdvanced: stop at this step (e.g. the first expert of Wan 2.2)."),
+                io.Boolean.Input("add_noise", default=True, optional=True,
+                                 tooltip="As KSamplerAdvanced: off when the latent already holds the noise "
+                                 "(the output of a previous sampler with leftover noise)."),
+                io.Boolean.Input("return_with_leftover_noise", default=False, optional=True,
+                                 tooltip="As KSamplerAdvanced: on to hand a noisy latent to the next sampler."),
             ],
             outputs=[Plan.Output(), io.Latent.Output(), io.String.Output(display_name="summary")],
         )
@@ -71,7 +81,8 @@ class CalibratePlan(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, delta, mode, use_ast, use_wa_rs_asc, use_wa_rs, use_asc, window, samples,
-                window_kernel) -> io.NodeOutput:
+                window_kernel, start_at_step=0, end_at_step=10000, add_noise=True,
+                return_with_leftover_noise=False) -> io.NodeOutput:
         if window not in WINDOWS:
             raise ValueError(f"unknown window {window!r}; choose one of {list(WINDOWS)}")
         chosen = dict(use_ast=use_ast, use_wa_rs_asc=use_wa_rs_asc, use_wa_rs=use_wa_rs, use_asc=use_asc)
@@ -79,11 +90,12 @@ class CalibratePlan(io.ComfyNode):
         request = CalibrationRequest(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,
-            kernel=window_kernel,
+            kernel=window_kernel, start_step=start_at_step, end_step=end_at_step, add_noise=add_noise,
+            return_with_leftover_noise=return_with_leftover_noise,
         )
         layers = model_geometry(model).layers
         per_step = 4 * layers + 2 if mode != FAST else 1
-        pbar = comfy.utils.ProgressBar(steps * per_step)
+        pbar = comfy.utils.ProgressBar((min(steps, end_at_step) - start_at_step) * per_step)
 
         def on_trial():
             comfy.model_management.throw_exception_if_processing_interrupted()

@@ -33,6 +33,12 @@ class CalibrationRequest:
     window: WindowSpec = WindowSpec()
     samples: int = 1
     kernel: str = "auto"
+    start_step: int = 0
+    """KSamplerAdvanced's start_at_step: calibrate this range of the schedule only (two-expert
+    graphs calibrate one plan per expert, each on its own range)."""
+    end_step: int = 10000
+    add_noise: bool = True
+    return_with_leftover_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.delta > 0:
@@ -48,6 +54,9 @@ class CalibrationRequest:
             raise ValueError(f"samples must be in [1, 64], got {self.samples}")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
+        if not 0 <= self.start_step < min(self.steps, self.end_step):
+            raise ValueError(f"start_at_step {self.start_step} leaves nothing to sample (steps {self.steps}, "
+                             f"end_at_step {self.end_step}): choose a start below both")
 
 
 @dataclass
@@ -65,11 +74,14 @@ class CalibrationResult:
         )
 
 
-def ksampler_inputs(model: Any, latent: dict, seed: int, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def ksampler_inputs(
+    model: Any, latent: dict, seed: int, samples: int = 1, add_noise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent and noise KSampler would sample from (``nodes.common_ksampler``), so a
     calibration run samples exactly what the user's KSampler samples: same size (the latent's
     downscale ratios, on trees that have them), same noise. ``samples`` > 1 repeats the latent
-    and draws each copy's noise from seed, seed + 1, ..."""
+    and draws each copy's noise from seed, seed + 1, ...; without ``add_noise`` (as
+    KSamplerAdvanced) the latent already holds its noise, e.g. a previous expert's output."""
     import comfy.sample
 
     latent_image = latent["samples"]
@@ -77,11 +89,15 @@ def ksampler_inputs(model: Any, latent: dict, seed: int, samples: int = 1) -> tu
     accepted = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
     extra = {r: latent.get(r) for r in ratios if r in accepted}
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent_image, **extra)
+    if samples > 1:
+        if getattr(latent_image, "is_nested", False):
+            raise ValueError("samples > 1 with an audio-video latent (LTX-2) is not supported: use samples = 1")
+        latent_image = latent_image.repeat(samples, *([1] * (latent_image.dim() - 1)))
+    if not add_noise:  # as KSamplerAdvanced: the latent already holds its noise
+        return latent_image, torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout,
+                                         device="cpu")
     if samples == 1:
         return latent_image, comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    if getattr(latent_image, "is_nested", False):
-        raise ValueError("samples > 1 with an audio-video latent (LTX-2) is not supported: use samples = 1")
-    latent_image = latent_image.repeat(samples, *([1] * (latent_image.dim() - 1)))
     noise = torch.cat([
         comfy.sample.prepare_noise(latent_image[i : i + 1], seed + i) for i in range(latent_image.shape[0])
     ])
@@ -112,10 +128,12 @@ def calibrate(
     )
     if request.samples > 1 and latent.get("noise_mask") is not None:
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
-    latent_image, noise = ksampler_inputs(model, latent, request.seed, request.samples)
+    latent_image, noise = ksampler_inputs(model, latent, request.seed, request.samples, request.add_noise)
     samples = comfy.sample.sample(
         patched, noise, request.steps, request.cfg, request.sampler_name, request.scheduler,
-        positive, negative, latent_image, denoise=request.denoise, noise_mask=latent.get("noise_mask"),
+        positive, negative, latent_image, denoise=request.denoise, disable_noise=not request.add_noise,
+        start_step=request.start_step, last_step=request.end_step,
+        force_full_denoise=not request.return_with_leftover_noise, noise_mask=latent.get("noise_mask"),
         seed=request.seed, disable_pbar=True, callback=callback,
     )
     if sink.calibrator is None or sink.sample_sigmas is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..kernels import usable_kernel
 from ..plan import Plan
 from ..steps import STRICT, StepMapper
 from ..strategies import Strategy
 from ..window import WindowSpec
-from .attention_hooks import MODULE_PATCHERS, make_override
+from .attention_hooks import MODULE_PATCHERS, is_ours, make_override
 from .families import OVERRIDE, Geometry, resolve
 from .run import (
     CONFIG_KEY,
@@ -47,25 +48,28 @@ def check_plan(model: Any, plan: Plan) -> Geometry:
 
 def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
     """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
-    from ..kernels import kernel_names
-
-    if kernel not in kernel_names():
-        raise ValueError(f"unknown window kernel {kernel!r}; choose one of {kernel_names()}")
-    StepMapper.for_run([float(s) for s in plan.sigmas], plan.steps, step_mode)  # validates mode
+    StepMapper.for_run(plan.sigmas, plan.sigmas, step_mode)  # validates the mode
     geometry = check_plan(model, plan)
+    kernel = usable_kernel(kernel, model.load_device)
     config = FastAttnConfig(plan=plan, geometry=geometry, kernel=kernel, step_mode=step_mode)
     return _install(model, config)
 
 
 def _install(model: Any, config: FastAttnConfig | CalibrationConfig) -> Any:
+    """A clone of ``model`` with ``config`` installed. On a model that already carries
+    FastAttn (two Apply nodes in a row, Calibrate after Apply), the new config replaces the
+    old one: attention goes through the pack once, other overrides stay chained."""
     import comfy.patcher_extension as ext
 
     m = model.clone()
+    for wrapper_type in (ext.WrappersMP.OUTER_SAMPLE, ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.CALC_COND_BATCH):
+        m.remove_wrappers_with_key(wrapper_type, KEY)
     options = m.model_options.setdefault("transformer_options", {})
     options[CONFIG_KEY] = config
     slot = CallSlot()
     if config.geometry.attach == OVERRIDE:
-        options[OVERRIDE_KEY] = make_override(options.get(OVERRIDE_KEY))
+        previous = options.get(OVERRIDE_KEY)
+        options[OVERRIDE_KEY] = make_override(previous.previous if is_ours(previous) else previous)
     else:
         MODULE_PATCHERS[config.geometry.attach](m, config.geometry, slot)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, fastattn_outer_sample)
@@ -91,6 +95,6 @@ def calibration_patch(
     (``geometry``: the model's, when the caller has resolved it already)."""
     config = CalibrationConfig(
         geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
-        window=window, sink=sink, kernel=kernel, on_progress=on_progress,
+        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), on_progress=on_progress,
     )
     return _install(model, config)

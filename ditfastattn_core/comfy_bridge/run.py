@@ -24,7 +24,7 @@ from ..plan import Plan
 from ..state import RunState
 from ..steps import STRICT, StepMapper
 from ..strategies import COND, UNCOND, Strategy
-from ..window import WindowSpec
+from ..window import TokenLayout, WindowSpec
 from .families import Geometry, UnplaceableCall
 
 log = logging.getLogger("ditfastattn")
@@ -120,16 +120,21 @@ class FastAttnRun:
     current_step: int | None = None
 
     @classmethod
-    def start(cls, config: FastAttnConfig | CalibrationConfig, sample_sigmas: torch.Tensor) -> FastAttnRun:
+    def start(
+        cls, config: FastAttnConfig | CalibrationConfig, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]
+    ) -> FastAttnRun:
+        """The run's state, after checking what can be known before the first model call:
+        the run's schedule against the plan's, the window against the latent."""
         sigmas = [float(s) for s in sample_sigmas.tolist()]
+        check_window(config, latent_shape)
         if isinstance(config, FastAttnConfig):
-            steps = StepMapper.for_run(sigmas, config.plan.steps, config.step_mode)
+            steps = StepMapper.for_run(config.plan.sigmas, sigmas, config.step_mode)
             run = cls(config=config, steps=steps, state=RunState(config.plan.schedule))
-            run.explain_schedule_mismatch(sigmas)
+            if not steps.by_sigma:
+                run.explain_schedule_mismatch(sigmas)
             return run
         config.sink.sample_sigmas = sigmas
-        steps = StepMapper.for_run(sigmas, len(sigmas) - 1)
-        return cls(config=config, steps=steps, state=RunState())
+        return cls(config=config, steps=StepMapper.for_run(sigmas, sigmas), state=RunState())
 
     @property
     def geometry(self) -> Geometry:
@@ -240,8 +245,11 @@ class FastAttnRun:
                     self.fast.end_step(self.current_step)
                 self.fast.begin_step(step)
                 self.current_step = step
-        return ModelCall(run=self, state=self.state_for(options), step=step, cond_or_uncond=cond_or_uncond,
-                         grid=grid, text_len=text_len)
+        state = self.state_for(options)
+        if step is not None:
+            state.begin_step(step)
+        return ModelCall(run=self, state=state, step=step, cond_or_uncond=cond_or_uncond, grid=grid,
+                         text_len=text_len)
 
     def finish(self) -> None:
         stats = dict(self.state.stats)
@@ -339,6 +347,28 @@ class ModelCall:
         if deciding:
             return run.fast.attention(q, k, v, layer, ctx, state, dense, **layout)
         return attend(q, k, v, strategy, layer, ctx, state, dense=dense, **layout)
+
+
+def check_window(config: FastAttnConfig | CalibrationConfig, latent_shape: tuple[int, ...]) -> None:
+    """Refuse, before sampling, a window that cannot be laid on this latent's token grid."""
+    if isinstance(config, FastAttnConfig):
+        if not any(s.uses_window for s in config.plan.schedule.counts()):
+            return
+        fix = "use a plan calibrated with a window for this kind of latent"
+    else:
+        if not any(s.uses_window for s in config.candidates):
+            return
+        fix = "choose another window in Calibrate FastAttn Plan"
+    try:
+        grid = config.geometry.grid(config.geometry.latent_shape(tuple(latent_shape), {}))
+    except ValueError:
+        return  # a latent the family cannot place runs FULL, and says so at the first call
+    try:
+        config.window.bind(TokenLayout.image_only(grid))
+    except ValueError as e:
+        kind = {1: "1D band", 2: "2D box", 3: "3D box"}[config.window.dims]
+        hint = " (a video latent needs a 1D band or a 3D box)" if len(grid) == 3 and grid[0] > 1 else ""
+        raise ValueError(f"the {kind} window cannot be used on this latent ({e}){hint}: {fix}") from e
 
 
 def _keeps_anything(state: RunState, step: int, layer: int) -> bool:

@@ -92,7 +92,7 @@ def fastattn_outer_sample(executor, *args, **kwargs):
     run = None
     try:
         if config is not None:
-            run = FastAttnRun.start(config, args[3])
+            run = FastAttnRun.start(config, args[3], tuple(args[0].shape))
             options[RUN_KEY] = run
             current = options.get(OVERRIDE_KEY)
             if config.geometry.attach == OVERRIDE and not is_ours(current):

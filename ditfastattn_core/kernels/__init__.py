@@ -7,6 +7,8 @@ kernel is never chosen for a window it cannot express.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from .reference import reference_window_attention
 
 WindowKernelFn = Callable[..., torch.Tensor]
 AUTO = "auto"
+log = logging.getLogger("ditfastattn")
 
 
 @dataclass(frozen=True)
@@ -76,18 +79,40 @@ def kernel_names() -> list[str]:
     return [AUTO, *KERNELS]
 
 
+@functools.cache
+def _warn_fallback(preference: str, reason: str) -> None:
+    log.warning("FastAttn: window kernel %r cannot run here (%s); using 'auto' instead", preference, reason)
+
+
+def usable_kernel(preference: str, device: torch.device | str) -> str:
+    """``preference`` if it can run on ``device`` here, else "auto" with one warning line:
+    a workflow made on a machine with flash-attn still runs on one without it."""
+    if preference != AUTO and preference not in KERNELS:
+        raise ValueError(f"unknown window kernel {preference!r}; choose one of {kernel_names()}")
+    kernel = KERNELS.get(preference)
+    if kernel is None:
+        return AUTO
+    if not kernel.available():
+        reason = "it is not installed"
+    elif preference == "flash" and torch.device(device).type != "cuda":
+        reason = "flash-attn runs on CUDA only"
+    else:
+        return preference
+    _warn_fallback(preference, reason)
+    return AUTO
+
+
 def select_kernel(window: Window, q: torch.Tensor, preference: str = AUTO) -> WindowKernel:
-    """The kernel to run ``window`` on ``q``: the named one (checked), or the best available."""
+    """The kernel to run ``window`` on ``q``: the named one when it can, else (one warning
+    line) the best available."""
     if preference != AUTO:
         kernel = KERNELS.get(preference)
         if kernel is None:
             raise ValueError(f"unknown window kernel {preference!r}; choose one of {kernel_names()}")
-        if not kernel.available():
-            raise ValueError(f"window kernel {preference!r} is not installed; use 'auto'")
-        reason = kernel.unsupported(window, q)
-        if reason:
-            raise ValueError(f"window kernel {preference!r} cannot run here: {reason}; use 'auto'")
-        return kernel
+        reason = "it is not installed" if not kernel.available() else kernel.unsupported(window, q)
+        if not reason:
+            return kernel
+        _warn_fallback(preference, reason)
     for name in _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT):
         kernel = KERNELS[name]
         if kernel.available() and kernel.unsupported(window, q) is None:
@@ -95,4 +120,4 @@ def select_kernel(window: Window, q: torch.Tensor, preference: str = AUTO) -> Wi
     return KERNELS["blocked"]
 
 
-__all__ = ["AUTO", "KERNELS", "WindowKernel", "kernel_names", "select_kernel"]
+__all__ = ["AUTO", "KERNELS", "WindowKernel", "kernel_names", "select_kernel", "usable_kernel"]

@@ -54,10 +54,12 @@ def test_paper_trial_forwards_do_not_write_caches(tiny, monkeypatch):
     import contextlib
 
     def snapshot(state):
-        return {
-            name: {k: (e.step, e.tensor.data_ptr(), e.tensor.clone()) for k, e in getattr(state, name).items()}
-            for name in ("residuals", "outputs", "shared_cond")
-        }
+        entries = {name: {k: (e.step, e.tensor) for k, e in getattr(state, name).items()}
+                   for name in ("residuals", "shared_cond")}
+        entries["outputs"] = {(k, step): (step, t) for k, per_step in state.outputs.items()
+                              for step, t in per_step.items()}
+        return {name: {k: (step, t.data_ptr(), t.clone()) for k, (step, t) in d.items()}
+                for name, d in entries.items()}
 
     trials = []
     original_read_only = RunState.read_only

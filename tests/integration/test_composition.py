@@ -99,8 +99,9 @@ def test_easycache_skipped_calls_are_cache_misses_not_stale_reuse(tiny, caplog, 
 
     def spy(self, step, key, shape):
         out = original(self, step, key, shape)
-        if out is not None:
-            reused.append((step, self.outputs[key].step))
+        if out is not None:  # the tensor the step right before stored, never an older one
+            stored = self.outputs[key].get(step - 1)
+            reused.append((step, step - 1 if stored is out else None))
         return out
 
     monkeypatch.setattr(RunState, "previous_output", spy)

@@ -115,11 +115,55 @@ def test_ast_returns_the_previous_step_output():
     q1, k1, v1 = qkv(seed=1)
     state = RunState(Schedule.from_letters(["F", "T", "T", "F"]))
     first = attend(q0, k0, v0, F, 0, ctx(0, (1, 0)), state)
+    state.begin_step(1)
     again = attend(q1, k1, v1, T, 0, ctx(1, (1, 0)), state)
     assert torch.equal(again, first)
+    state.begin_step(2)
     third = attend(q1, k1, v1, T, 0, ctx(2, (1, 0)), state)
     assert torch.equal(third, first)
-    assert state.outputs == {}, "the output is freed once no later step reads it"
+    state.begin_step(3)
+    assert set(state.outputs) == {(0, 1, 0), (0, 0, 0)}, "kept while a call may come back to step 2"
+    state.begin_step(4)
+    assert state.outputs == {}, "freed once no call of the step before the furthest one reads it"
+
+
+def _calls_of_one_step(state, step, strategy, n=2, cfg=(1, 0)):
+    """Several model calls mapped to one step (heun's corrector and the next predictor)."""
+    state.begin_step(step)
+    outs = []
+    for seed in range(n):
+        q, k, v = qkv(seed=10 * step + seed)
+        misses = state.misses
+        outs.append(attend(q, k, v, strategy, 0, ctx(step, cfg), state))
+        assert state.misses == misses, f"call {seed} of step {step} missed its cache: {dict(state.stats)}"
+    return outs
+
+
+def test_every_call_of_an_ast_step_reuses_the_previous_step():
+    state = RunState(Schedule.from_letters(["F", "T", "T"]))
+    (full,) = _calls_of_one_step(state, 0, F, n=1)
+    assert all(torch.equal(o, full) for o in _calls_of_one_step(state, 1, T))
+    assert all(torch.equal(o, full) for o in _calls_of_one_step(state, 2, T))
+
+
+def test_every_call_of_the_last_window_step_finds_the_residual():
+    state = RunState(Schedule.from_letters(["F", "W", "W"]))
+    _calls_of_one_step(state, 0, F)
+    _calls_of_one_step(state, 1, W)
+    _calls_of_one_step(state, 2, W)
+    assert state.stats["window"] == 8 and state.residuals
+    state.begin_step(3)
+    assert state.residuals, "kept while a call may come back to step 2 (heunpp2 looks one step ahead)"
+    state.begin_step(4)
+    assert state.residuals == {}
+
+
+def test_read_only_forwards_free_nothing_at_a_new_step():
+    state = RunState(Schedule.from_letters(["F", "W"]))
+    _calls_of_one_step(state, 0, F, n=1)
+    with state.read_only():
+        state.begin_step(2)
+    assert state.residuals and state.step == 0
 
 
 def test_ast_after_a_skipped_step_is_a_cache_miss():
@@ -137,13 +181,16 @@ def test_caches_are_allocated_only_when_the_plan_reads_them():
     q, k, v = qkv()
     sched = Schedule.from_letters(["FF", "FW", "TF", "FF"])
     state = RunState(sched)
+    state.begin_step(0)
     attend(q, k, v, F, 0, ctx(0, (1, 0)), state)
     attend(q, k, v, F, 1, ctx(0, (1, 0)), state)
     assert set(state.residuals) == {(1, 1, 0), (1, 0, 0)} and state.outputs == {}
+    state.begin_step(1)
     attend(q, k, v, F, 0, ctx(1, (1, 0)), state)
     assert set(state.outputs) == {(0, 1, 0), (0, 0, 0)}, "layer 0 is AST at step 2"
     attend(q, k, v, W, 1, ctx(1, (1, 0)), state)
-    assert state.residuals == {}, "no later step reads layer 1's residual"
+    state.begin_step(3)
+    assert state.residuals == {}, "no step from 2 on reads layer 1's residual"
     windows = []
     attend(q, k, v, F, 1, ctx(3, (1, 0)), state, dense=lambda *a: windows.append(1) or dense(*a))
     assert len(windows) == 1 and state.residuals == {}, "the last FULL refreshes nothing"

@@ -218,8 +218,24 @@ def test_named_kernel_is_checked():
     assert select_kernel(w, q, "reference").name == "reference"
     with pytest.raises(ValueError, match="unknown window kernel"):
         select_kernel(w, q, "triton-magic")
-    with pytest.raises(ValueError, match="cannot run here|not installed"):
-        select_kernel(w, q, "flash")
+
+
+
+def test_a_named_kernel_that_cannot_run_falls_back_with_one_line(caplog):
+    from ditfastattn_core.kernels import _warn_fallback, usable_kernel
+
+    _warn_fallback.cache_clear()
+    w = WindowSpec(tile=(16,)).bind(TokenLayout.image_only((64,)))
+    q = torch.zeros(1, 1, 64, 8)
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        assert select_kernel(w, q, "flash").name == "blocked"  # CPU: flash never runs here
+        assert select_kernel(w, q, "flash").name == "blocked"
+        assert usable_kernel("flash", "cpu") == "auto"
+        assert usable_kernel("blocked", "cpu") == "blocked"
+    lines = [r.getMessage() for r in caplog.records if "'flash'" in r.getMessage()]
+    assert len(lines) == 1 and "using 'auto'" in lines[0], lines
+    with pytest.raises(ValueError, match="unknown window kernel"):
+        usable_kernel("triton-magic", "cpu")
 
 
 def test_flash_kernel_passes_a_symmetric_window_and_matches_reference(fake_flash):
