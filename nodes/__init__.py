@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import plan_folder
+from . import plan_folder, routes
 from .apply import ApplyFastAttn
 from .calibrate import CalibratePlan
 from .plans import LoadPlan, SavePlan
 
 plan_folder.register()
+routes.register()
 
 
 class FastAttnExtension(ComfyExtension):
