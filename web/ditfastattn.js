@@ -104,8 +104,13 @@ function showPlan(node, data) {
   renderLegend(view);
   view.redraw();
   node.properties ??= {};
-  node.properties[PROPERTY] = { strategies: data.strategies, summary, legend: data.legend };
+  const kept = { strategies: data.strategies, summary, legend: data.legend };
+  const changed = JSON.stringify(node.properties[PROPERTY]) !== JSON.stringify(kept);
+  node.properties[PROPERTY] = kept;
   node.setDirtyCanvas?.(true, true);
+  // A result changes no widget, so the editor would not save the workflow (and the plan in
+  // the node's properties) until the next edit: tell its change tracker.
+  if (changed) app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
   return true;
 }
 
