@@ -202,7 +202,7 @@ def _heatmap_coverage(page, shot_name: str) -> list[tuple[str, float]]:
             continue
         image = Image.open(io.BytesIO(page.screenshot(clip=box))).convert("RGB")
         pixels = list(image.get_flattened_data() if hasattr(image, 'get_flattened_data') else image.getdata())
-        hits = sum(1 for p in pixels if any(sum(abs(a - b) for a, b in zip(p, c)) < 40 for c in LEGEND_COLOURS))
+        hits = sum(1 for p in pixels if any(sum(abs(a - b) for a, b in zip(p, c, strict=True)) < 40 for c in LEGEND_COLOURS))
         found.append((f"canvas {i}", hits / len(pixels)))
     return found
 
