@@ -3,16 +3,19 @@ Plan's embedded_plan before any node has run; node results carry their own copy.
 
 from __future__ import annotations
 
+import sys
+
 from aiohttp import web
 
 from ..ditfastattn_core.strategies import legend
 
 
 def register() -> None:
-    from server import PromptServer
-
-    server = getattr(PromptServer, "instance", None)
-    if server is None:  # loaded without a server (tests, scripts): nothing to serve
+    # main.py imports ComfyUI's server before it loads custom nodes; without it (tests,
+    # scripts) there is nothing to serve, and importing it here would start its imports.
+    module = sys.modules.get("server")
+    server = getattr(getattr(module, "PromptServer", None), "instance", None)
+    if server is None:
         return
 
     @server.routes.get("/ditfastattn/legend")

@@ -153,6 +153,28 @@ def test_plan_for_another_model_is_refused(server, calibrated):
     assert "layers" in failure["exception_message"]
 
 
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_workflow_and_its_api_twin_are_valid_here(server, path):
+    """Every node type exists on this ComfyUI, and the API twin passes validation except for
+    the model files (and model-type options) this test server does not have."""
+    known = server.get("/object_info")
+    ui = json.loads(path.read_text())
+    assert sorted({n["type"] for n in ui["nodes"]} - set(known)) == []
+    status, answer = server.post_prompt(json.loads((path.parent / "api" / path.name).read_text()))
+    assert status == 400, "the twin names models this server does not have"
+    for node in answer["node_errors"].values():
+        for e in node["errors"]:
+            if e["type"] == "custom_validation_failed":  # Load Plan: the plan file is not here
+                assert node["class_type"] == "DiTFastAttn_LoadPlan" and "no plan named" in e["details"], e
+                continue
+            assert e["type"] == "value_not_in_list", e
+            assert e["extra_info"]["input_name"] in {"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name",
+                                                     "ckpt_name", "type", "plan_name"}, e
+
+
 def test_soak_memory_stays_flat(server, calibrated):
     """30 prompts (apply + sample, a new seed each, so nothing is served from the cache)."""
     _, path, _ = calibrated
