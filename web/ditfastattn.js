@@ -46,7 +46,7 @@ function createView(node) {
   const legend = el("div", { display: "flex", flexWrap: "wrap", gap: "2px 10px", fontSize: "13px", lineHeight: "16px" });
   const info = el("div", {
     whiteSpace: "pre-wrap", overflowWrap: "anywhere", fontSize: "12px", lineHeight: "15px", color: "#bbb",
-    maxHeight: "46px", overflow: "hidden",
+    maxHeight: "62px", overflow: "hidden",
   }, PLACEHOLDER);
   root.append(canvas, legend, info);
 

@@ -220,6 +220,17 @@ def _assert_heatmaps_visible(page, server, shot_name):
         assert fraction > 0.6, f"{name}: only {fraction:.0%} of the heatmap is visible ({shot_name})"
 
 
+def _assert_hover_names_the_cell(page) -> None:
+    """Hovering the top-left cell of a heatmap names step 1, layer 1 and its strategy."""
+    heatmap = page.locator(".ditfastattn-heatmap").first
+    box = heatmap.locator("canvas").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 2)
+    page.wait_for_timeout(300)
+    text = heatmap.locator("div").last.inner_text()
+    labels = [e["label"] for e in json.loads(page.evaluate("() => fetch('/ditfastattn/legend').then(r => r.text())"))]
+    assert text.startswith("step 1, layer 1: ") and any(label in text for label in labels), text
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.name for p in UI_WORKFLOWS])
 def test_example_workflow_loads_with_no_missing_nodes(server, browser, path):
     page, errors = _open(browser, server, vue_nodes=False)
@@ -237,6 +248,7 @@ def test_heatmap_visible_in_classic_mode_and_after_reload(server, browser, prepa
         _run_in_page(page, server, _browser_graph(server, "classic"))
         _arrange(page)
         _assert_heatmaps_visible(page, server, f"heatmap-classic-{VERSION}.png")
+        _assert_hover_names_the_cell(page)
         page.reload()
         page.wait_for_function("() => window.app?.graph?.nodes?.length > 0", timeout=120_000)
         page.wait_for_timeout(2000)
@@ -263,6 +275,7 @@ def test_heatmap_visible_in_nodes_2(server, browser, prepared_plans):
         _arrange(page)
         assert page.locator("[data-node-id]").count() > 0, "Nodes 2.0 did not render"
         _assert_heatmaps_visible(page, server, f"heatmap-nodes2-{VERSION}.png")
+        _assert_hover_names_the_cell(page)
         assert _pack_errors(errors) == [], errors
     finally:
         page.close()
