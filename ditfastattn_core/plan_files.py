@@ -10,8 +10,16 @@ from pathlib import Path
 
 from .plan import MAX_TEXT_BYTES, Plan, PlanError
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+"""Matched with ``fullmatch``: ``$`` would also accept a name ending in a newline."""
 SUFFIX = ".json"
+WINDOWS_DEVICES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{port}{n}" for port in ("COM", "LPT") for n in "123456789"}
+)
+"""Names Windows reserves in every folder, whatever the extension (``nul.json`` is the device)."""
+FILE_MODE = 0o644
+"""Plans are shared data: readable by everyone, like the models beside them."""
 
 
 class PlanNameError(ValueError):
@@ -23,11 +31,13 @@ def clean_name(name: str) -> str:
     if not isinstance(name, str):
         raise PlanNameError("the plan name must be text")
     stem = name[: -len(SUFFIX)] if name.lower().endswith(SUFFIX) else name
-    if not NAME.match(stem) or ".." in stem or stem.endswith((".", " ")):
+    if not NAME.fullmatch(stem) or ".." in stem or stem.endswith((".", " ")):
         raise PlanNameError(
             f"plan name {name!r} is not allowed: use 1-64 letters, digits, spaces, '_', '-' or '.', "
             "starting with a letter or digit, with no path separators and no '..'"
         )
+    if stem.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICES:
+        raise PlanNameError(f"plan name {name!r} is a Windows device name: pick another name")
     return stem
 
 
@@ -45,6 +55,7 @@ def save_plan(plan: Plan, folder: str | os.PathLike, name: str, overwrite: bool 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

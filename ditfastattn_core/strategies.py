@@ -10,18 +10,26 @@ import enum
 
 
 class Strategy(enum.Enum):
-    """How one attention layer is computed at one step."""
+    """How one attention layer is computed at one step: its plan letter (the enum value), and
+    the label and colour the editor's heatmap legend shows for it."""
 
-    FULL = "F"
+    FULL = ("F", "FULL", "#5b6270")
     """Dense attention. Refreshes this layer's window residual when a later step reads it."""
-    WA_RS = "W"
+    WA_RS = ("W", "WA-RS", "#3b82f6")
     """Window attention plus the residual cached at this layer's most recent FULL step."""
-    ASC = "C"
+    ASC = ("C", "ASC", "#f59e0b")
     """Dense attention on the conditional rows only; the unconditional rows get a copy."""
-    WA_RS_ASC = "X"
+    WA_RS_ASC = ("X", "WA-RS+ASC", "#10b981")
     """WA_RS on the conditional rows only (conditional residual); copied to the uncond rows."""
-    AST = "T"
+    AST = ("T", "AST", "#ef4444")
     """Reuse this layer's output from the previous step; no attention at all."""
+
+    def __new__(cls, letter: str, label: str, colour: str) -> Strategy:
+        member = object.__new__(cls)
+        member._value_ = letter
+        member.label = label
+        member.colour = colour
+        return member
 
     @property
     def letter(self) -> str:
@@ -56,6 +64,12 @@ class Strategy(enum.Enum):
 
 
 _BY_LETTER = {s.value: s for s in Strategy}
+
+def legend() -> list[dict[str, str]]:
+    """Every strategy's letter, label and colour, in table order: what the editor's heatmap
+    draws a plan with (sent with the plan, so the frontend holds no copy of this table)."""
+    return [{"letter": s.letter, "label": s.label, "colour": s.colour} for s in Strategy]
+
 
 COND = 0
 """ComfyUI's ``cond_or_uncond`` value for the conditional branch."""

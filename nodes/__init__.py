@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import demo, plan_folder
+from . import demo, plan_folder, routes
 from .apply import ApplyFastAttn
 from .calibrate import CalibratePlan
 from .plans import LoadPlan, SavePlan
 
 plan_folder.register()
 demo.register()
+routes.register()
 
 
 class FastAttnExtension(ComfyExtension):

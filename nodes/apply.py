@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..ditfastattn_core.comfy_bridge import apply_fastattn
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.steps import STEP_MODES, STRICT
-from .types import Plan
+from .types import Plan, describe, plan_ui
 
 
 class ApplyFastAttn(io.ComfyNode):
@@ -37,4 +37,5 @@ class ApplyFastAttn(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, plan, window_kernel: str, step_matching: str) -> io.NodeOutput:
-        return io.NodeOutput(apply_fastattn(model, plan, kernel=window_kernel, step_mode=step_matching))
+        patched = apply_fastattn(model, plan, kernel=window_kernel, step_mode=step_matching)
+        return io.NodeOutput(patched, ui=plan_ui(plan, describe(plan)))

@@ -35,8 +35,14 @@ def plan_names() -> list[str]:
     return sorted(n for n in folder_paths.get_filename_list(FOLDER) if n.endswith(".json"))
 
 
+def unknown_plan_message(name: str) -> str:
+    """Says what to do without naming the server's folders (the message reaches any client)."""
+    return (f"no plan named {name!r} in models/fastattn_plans or the pack's plans: pick one from the list "
+            "(press R in the editor after adding files), or paste the plan into embedded_plan")
+
+
 def plan_path(name: str) -> str:
-    path = folder_paths.get_full_path(FOLDER, name)
+    path = folder_paths.get_full_path(FOLDER, name) if name in plan_names() else None
     if path is None:
-        raise FileNotFoundError(f"no plan named {name!r} in {folder_paths.get_folder_paths(FOLDER)}")
+        raise FileNotFoundError(unknown_plan_message(name))
     return path

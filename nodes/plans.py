@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..ditfastattn_core.plan import Plan as PlanData
 from ..ditfastattn_core.plan_files import clean_name, read_plan, save_plan
 from . import plan_folder
-from .types import Plan, describe, plan_ui
+from .types import Plan, describe, plan_ui, search_aliases
 
 EMBEDDED_HELP = (
     "Optional: a plan's JSON text. When set it is used instead of the file, so a shared workflow "
@@ -22,7 +22,8 @@ class SavePlan(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DiTFastAttn_SavePlan",
-            display_name="Save FastAttn Plan",
+            display_name="Save Plan",
+            **search_aliases("Save FastAttn Plan", "fastattn", "ditfastattn"),
             category="model_patches/ditfastattn",
             description="Save a plan as JSON in models/fastattn_plans.",
             inputs=[
@@ -36,7 +37,8 @@ class SavePlan(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str, overwrite: bool = False, **kwargs) -> bool | str:
+    def validate_inputs(cls, name: str) -> bool | str:
+        """Takes only ``name``: ComfyUI reports a refusal once per argument listed here."""
         try:
             clean_name(name)
         except ValueError as e:
@@ -55,7 +57,8 @@ class LoadPlan(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DiTFastAttn_LoadPlan",
-            display_name="Load FastAttn Plan",
+            display_name="Load Plan",
+            **search_aliases("Load FastAttn Plan", "fastattn", "ditfastattn"),
             category="model_patches/ditfastattn",
             description="Load a plan from models/fastattn_plans (or the pack's plans), or from JSON "
             "embedded in the workflow.",
@@ -67,6 +70,14 @@ class LoadPlan(io.ComfyNode):
             ],
             outputs=[Plan.Output(), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def validate_inputs(cls, plan_name: str, embedded_plan: str = "") -> bool | str:
+        """A name not in the list is refused before the run (unless a plan is embedded, so a
+        shared workflow runs where the sharer's file does not exist)."""
+        if (embedded_plan and embedded_plan.strip()) or plan_name in plan_folder.plan_names():
+            return True
+        return plan_folder.unknown_plan_message(plan_name)
 
     @classmethod
     def fingerprint_inputs(cls, plan_name: str, embedded_plan: str = "") -> str:

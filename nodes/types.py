@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import io
 
 from ..ditfastattn_core.plan import Plan as PlanData
+from ..ditfastattn_core.strategies import legend
 
 Plan = io.Custom("FASTATTN_PLAN")
 
 UI_KEY = "ditfastattn_plan"
 """web/ditfastattn.js draws the plan heatmap on nodes whose execution result carries this key."""
 
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def search_aliases(*names: str) -> dict:
+    """``search_aliases`` for io.Schema where this ComfyUI has them (added after 0.3.64)."""
+    return {"search_aliases": list(names)} if "search_aliases" in _SCHEMA_FIELDS else {}
+
 
 def plan_ui(plan: PlanData, summary: str) -> dict:
-    return {UI_KEY: [{"strategies": plan.schedule.to_letters(), "summary": summary}]}
+    """The heatmap's data: the plan's letters, the summary and the strategy legend (labels and
+    colours come from the Strategy table, so the frontend holds no copy of it)."""
+    return {UI_KEY: [{"strategies": plan.schedule.to_letters(), "summary": summary, "legend": legend()}]}
 
 
 def describe(plan: PlanData) -> str:

@@ -1,19 +1,117 @@
-// ComfyUI frontend extension: draws the plan heatmap (layers x steps) on the pack's nodes
-// once they have run (Calibrate, Load, Save), and on Load Plan as soon as an embedded plan
-// is pasted.
+// ComfyUI frontend extension: the plan heatmap as a DOM widget on every node that carries a
+// plan (Calibrate, Load, Save, Apply). A DOM widget renders in the classic canvas and in
+// Nodes 2.0 (where node bodies are not drawn on the canvas, so onDrawForeground never runs).
+// The plan is kept in the node's properties, so it is drawn again after a reload and when
+// ComfyUI serves the node from its cache (cached nodes send no new result).
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
-import { drawHeatmap, parsePlan } from "./heatmap.js";
+import { cellAt, countStrategies, describeCell, drawHeatmap, parseLegend, parsePlan } from "./heatmap.js";
 
-const UI_KEY = "ditfastattn_plan";
-const HEATMAP_HEIGHT = 140;
+const UI_KEY = "ditfastattn_plan"; // the key nodes/types.py puts on a node's result
+const PROPERTY = "ditfastattn_plan";
+const WIDGET = "fastattn_heatmap";
+const MIN_HEIGHT = 150;
+const PLACEHOLDER = "The plan's heatmap (layers x steps) appears here once the node has run.";
 
-function showPlan(node, rows, summary) {
-  const parsed = parsePlan(rows);
-  if (!parsed) return;
-  const grow = !node.fastattnPlan;
-  node.fastattnPlan = { parsed, summary: summary ?? "" };
-  if (grow) node.setSize([Math.max(node.size[0], 300), node.size[1] + HEATMAP_HEIGHT]);
-  node.setDirtyCanvas(true, true);
+// The strategy legend from the pack (GET /ditfastattn/legend), for plans pasted into Load
+// Plan's embedded_plan before any node has run; results carry their own copy.
+let packLegend = null;
+async function fetchLegend() {
+  if (packLegend) return packLegend;
+  try {
+    const response = await api.fetchApi("/ditfastattn/legend");
+    if (response.ok) packLegend = await response.json();
+  } catch {
+    // an older server without the route: pasted plans are drawn once the node has run
+  }
+  return packLegend;
+}
+
+function el(tag, style, text) {
+  const node = document.createElement(tag);
+  Object.assign(node.style, style);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// The widget's element: the heatmap canvas, an HTML legend and a wrapped summary line.
+function createView(node) {
+  const root = el("div", {
+    display: "flex", flexDirection: "column", gap: "4px", width: "100%", height: "100%",
+    minHeight: `${MIN_HEIGHT}px`, boxSizing: "border-box", padding: "2px 4px", overflow: "hidden",
+    font: "12px sans-serif", color: "#ddd",
+  });
+  root.className = "ditfastattn-heatmap";
+  const canvas = el("canvas", { flex: "1 1 0", minHeight: "40px", width: "100%", display: "block" });
+  const legend = el("div", { display: "flex", flexWrap: "wrap", gap: "2px 10px", fontSize: "13px", lineHeight: "16px" });
+  const info = el("div", {
+    whiteSpace: "pre-wrap", overflowWrap: "anywhere", fontSize: "12px", lineHeight: "15px", color: "#bbb",
+    maxHeight: "62px", overflow: "hidden",
+  }, PLACEHOLDER);
+  root.append(canvas, legend, info);
+
+  const view = { root, canvas, legend, info, plan: null, box: null };
+  view.redraw = () => redraw(view);
+  new ResizeObserver(view.redraw).observe(canvas);
+  canvas.addEventListener("mousemove", (event) => {
+    if (!view.plan || !view.box) return;
+    const cell = cellAt(view.plan.parsed, view.box, event.offsetX, event.offsetY);
+    const text = cell ? describeCell(cell, view.plan.legend) : view.plan.summary;
+    info.textContent = text;
+    canvas.title = cell ? text : "";
+  });
+  canvas.addEventListener("mouseleave", () => {
+    if (view.plan) info.textContent = view.plan.summary;
+  });
+  return view;
+}
+
+function redraw(view) {
+  const { canvas, plan } = view;
+  const width = canvas.clientWidth;
+  const height = canvas.clientHeight;
+  const ratio = window.devicePixelRatio || 1;
+  canvas.width = Math.max(1, Math.round(width * ratio));
+  canvas.height = Math.max(1, Math.round(height * ratio));
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  view.box = plan && width > 0 && height > 0 ? drawHeatmap(ctx, plan.parsed, plan.legend, width, height) : null;
+}
+
+function renderLegend(view) {
+  view.legend.replaceChildren();
+  if (!view.plan) return;
+  const counts = countStrategies(view.plan.parsed, view.plan.legend);
+  for (const [letter, { label, colour }] of view.plan.legend) {
+    const item = el("span", { display: "inline-flex", alignItems: "center", gap: "4px", whiteSpace: "nowrap" });
+    item.append(el("span", { width: "11px", height: "11px", background: colour, display: "inline-block" }),
+      document.createTextNode(`${label} ${counts[letter]}`));
+    item.title = `${letter}: ${label}`;
+    view.legend.append(item);
+  }
+}
+
+// Show a plan ({strategies, summary, legend}) on a node and keep it in its properties.
+function showPlan(node, data) {
+  const legend = parseLegend(data?.legend);
+  const parsed = legend && parsePlan(data.strategies, legend);
+  const view = node.fastattnView;
+  if (!parsed || !view) return false;
+  const summary = typeof data.summary === "string" ? data.summary : "";
+  view.plan = { parsed, legend, summary };
+  view.info.textContent = summary;
+  renderLegend(view);
+  view.redraw();
+  node.properties ??= {};
+  const kept = { strategies: data.strategies, summary, legend: data.legend };
+  const changed = JSON.stringify(node.properties[PROPERTY]) !== JSON.stringify(kept);
+  node.properties[PROPERTY] = kept;
+  node.setDirtyCanvas?.(true, true);
+  // A result changes no widget, so the editor would not save the workflow (and the plan in
+  // the node's properties) until the next edit: tell its change tracker.
+  if (changed) app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  return true;
 }
 
 app.registerExtension({
@@ -21,37 +119,54 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("DiTFastAttn_")) return;
 
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const view = createView(this);
+      this.fastattnView = view;
+      this.addDOMWidget(WIDGET, WIDGET, view.root, {
+        serialize: false,
+        hideOnZoom: false,
+        getMinHeight: () => MIN_HEIGHT,
+      });
+      this.setSize([Math.max(this.size[0], 320), this.computeSize()[1]]);
+
+      const embedded = this.widgets?.find((w) => w.name === "embedded_plan");
+      if (embedded) {
+        const callback = embedded.callback;
+        embedded.callback = (value, ...rest) => {
+          const out = callback?.call(embedded, value, ...rest);
+          showPasted(this, value);
+          return out;
+        };
+      }
+      return result;
+    };
+
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      const kept = this.properties?.[PROPERTY];
+      if (kept) showPlan(this, kept);
+      return result;
+    };
+
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const plan = message?.[UI_KEY]?.[0];
-      if (plan) showPlan(this, plan.strategies, plan.summary);
-    };
-
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      onNodeCreated?.apply(this, arguments);
-      const embedded = this.widgets?.find((w) => w.name === "embedded_plan");
-      if (!embedded) return;
-      const callback = embedded.callback;
-      embedded.callback = (value, ...rest) => {
-        callback?.call(embedded, value, ...rest);
-        try {
-          showPlan(this, JSON.parse(value)?.strategies, "embedded plan");
-        } catch {
-          // not JSON (yet): nothing to draw; the node validates the plan when it runs
-        }
-      };
-    };
-
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      onDrawForeground?.apply(this, arguments);
-      if (!this.fastattnPlan || this.flags?.collapsed) return;
-      const pad = 10;
-      const top = this.size[1] - HEATMAP_HEIGHT + 4;
-      drawHeatmap(ctx, this.fastattnPlan.parsed, pad, top, this.size[0] - 2 * pad, HEATMAP_HEIGHT - 8,
-        this.fastattnPlan.summary);
+      if (plan) showPlan(this, plan);
     };
   },
 });
+
+async function showPasted(node, value) {
+  let strategies;
+  try {
+    strategies = JSON.parse(value)?.strategies;
+  } catch {
+    return; // not JSON (yet): nothing to draw; the node validates the plan when it runs
+  }
+  const legend = node.properties?.[PROPERTY]?.legend ?? (await fetchLegend());
+  if (legend) showPlan(node, { strategies, summary: "embedded plan (validated when the node runs)", legend });
+}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.hostile_names import GOOD_NAMES, HOSTILE_NAMES
 
 from .tiny import flux
 
@@ -35,6 +38,7 @@ def test_calibrate_save_load_apply_sample(pack, plans_dir):
     assert "attention FLOPs" in summary and out_latent["samples"].shape == tiny.latent.shape
     saved = pack["DiTFastAttn_SavePlan"].execute(plan, "tiny flux", False)
     assert Path(saved.result[0]) == plans_dir / "tiny flux.json"
+    assert stat.S_IMODE((plans_dir / "tiny flux.json").stat().st_mode) == 0o644
     assert "ditfastattn_plan" in saved.ui
     with pytest.raises(FileExistsError):
         pack["DiTFastAttn_SavePlan"].execute(plan, "tiny flux", False)
@@ -42,16 +46,68 @@ def test_calibrate_save_load_apply_sample(pack, plans_dir):
     assert loaded == plan and "flux" in text
     embedded, _ = pack["DiTFastAttn_LoadPlan"].execute("(none)", plan.dumps(indent=None)).result
     assert embedded == plan
-    model = pack["DiTFastAttn_Apply"].execute(tiny.patcher, loaded, "auto", "strict").result[0]
+    applied = pack["DiTFastAttn_Apply"].execute(tiny.patcher, loaded, "auto", "strict")
+    assert applied.ui["ditfastattn_plan"][0]["strategies"] == plan.schedule.to_letters()
+    model = applied.result[0]
     noise = comfy.sample.prepare_noise(tiny.latent, 0)
     again = comfy.sample.sample(model, noise, 4, 3.0, "euler", "normal", tiny.positive, tiny.negative,
                                 tiny.latent, seed=0, disable_pbar=True)
     torch.testing.assert_close(again, out_latent["samples"], rtol=1e-4, atol=1e-4)
 
 
-def test_save_refuses_bad_names(pack):
-    assert pack["DiTFastAttn_SavePlan"].validate_inputs(name="../escape") != True  # noqa: E712
-    assert pack["DiTFastAttn_SavePlan"].validate_inputs(name="fine name") is True
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
+def test_save_refuses_hostile_names_before_the_run(pack, name):
+    message = pack["DiTFastAttn_SavePlan"].validate_inputs(name=name)
+    assert isinstance(message, str) and "plan name" in message
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_save_accepts_plain_names(pack, name):
+    assert pack["DiTFastAttn_SavePlan"].validate_inputs(name=name) is True
+
+
+def test_save_validates_only_its_name(pack):
+    """ComfyUI reports a refused validation once per argument validate_inputs takes."""
+    import inspect
+
+    assert list(inspect.signature(pack["DiTFastAttn_SavePlan"].validate_inputs).parameters) == ["name"]
+
+
+def test_load_refuses_unknown_names_without_server_paths(pack, plans_dir):
+    import folder_paths
+
+    message = pack["DiTFastAttn_LoadPlan"].validate_inputs(plan_name="someone else's.json")
+    assert isinstance(message, str) and "no plan named" in message
+    for folder in folder_paths.get_folder_paths("fastattn_plans"):
+        assert folder not in message
+    assert str(plans_dir) not in message
+    embedded = pack["DiTFastAttn_LoadPlan"].validate_inputs(plan_name="someone else's.json", embedded_plan="{}")
+    assert embedded is True, "an embedded plan does not need the file"
+
+
+def test_display_names_and_search_aliases(pack):
+    names = {k: cls.GET_SCHEMA().display_name for k, cls in pack.items()}
+    assert names == {"DiTFastAttn_Calibrate": "Calibrate FastAttn Plan", "DiTFastAttn_Apply": "Apply FastAttn",
+                     "DiTFastAttn_LoadPlan": "Load Plan", "DiTFastAttn_SavePlan": "Save Plan"}
+    schema = pack["DiTFastAttn_LoadPlan"].GET_SCHEMA()
+    if hasattr(schema, "search_aliases"):
+        assert "Load FastAttn Plan" in schema.search_aliases
+
+
+def test_plan_ui_carries_the_strategy_legend(pack):
+    from ditfastattn_core.strategies import Strategy
+
+    ui = pack["DiTFastAttn_LoadPlan"].execute("(none)", _tiny_plan_text()).ui["ditfastattn_plan"][0]
+    assert [(e["letter"], e["label"], e["colour"]) for e in ui["legend"]] == [
+        (s.letter, s.label, s.colour) for s in Strategy]
+    assert ui["strategies"] == ["FF", "TW"]
+
+
+def _tiny_plan_text() -> str:
+    from ditfastattn_core import Plan, Schedule
+
+    return Plan(schedule=Schedule.from_letters(["FF", "TW"]), family="flux", sigmas=(1.0, 0.5, 0.0),
+                grid=(8, 8)).dumps()
 
 
 def test_load_refuses_a_bad_embedded_plan(pack):

@@ -1,0 +1,195 @@
+"""The pack through a real ComfyUI server's HTTP API (POST /prompt): calibrate, save, load
+(file and embedded), apply and sample; the bad inputs a client can send; a 30-prompt soak.
+
+Needs COMFYUI_PATH (a ComfyUI tree whose requirements are installed in this Python)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.comfy_server import SAMPLING, ComfyServer, tiny_graph
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="server tests need COMFYUI_PATH (a ComfyUI tree)")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+SOAK_PROMPTS = 30
+SOAK_WARMUP = 5
+SOAK_RSS_LIMIT = 64 * 2**20
+PLAN_NAME = "server plan"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ComfyServer(Path(COMFYUI_PATH), tmp_path_factory.mktemp("comfy_server")).start()
+    yield s
+    s.stop()
+
+
+def _prompt(server: ComfyServer, nodes: dict) -> dict:
+    """Name-keyed nodes -> an API prompt (links written as [name, slot])."""
+    return server.with_defaults({k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in nodes.items()})
+
+
+def _save_latent(source: str, prefix: str) -> dict:
+    return {"class_type": "SaveLatent", "inputs": {"samples": [source, 0 if source != "calibrate" else 1],
+                                                     "filename_prefix": f"fastattn_tests/{prefix}"}}
+
+
+def _latent(server: ComfyServer, entry: dict, node: str) -> torch.Tensor:
+    import safetensors.torch
+
+    saved = entry["outputs"][node]["latents"][0]
+    path = server.output_dir / saved["subfolder"] / saved["filename"]
+    return safetensors.torch.load_file(path)["latent_tensor"]
+
+
+def _sampled(model: str, seed: int = 0) -> dict:
+    return {"class_type": "KSampler", "inputs": {"model": [model, 0], "positive": ["positive", 0],
+                                                 "negative": ["negative", 0], "latent_image": ["latent", 0],
+                                                 **SAMPLING, "seed": seed}}
+
+
+def _apply(plan_node: str) -> dict:
+    return {"class_type": "DiTFastAttn_Apply", "inputs": {"model": ["model", 0], "plan": [plan_node, 0]}}
+
+
+def _load(name: str, embedded: str = "") -> dict:
+    return {"class_type": "DiTFastAttn_LoadPlan", "inputs": {"plan_name": name, "embedded_plan": embedded}}
+
+
+@pytest.fixture(scope="module")
+def calibrated(server):
+    """Calibrate -> Save Plan over HTTP; the calibration's latent and the saved plan's text."""
+    graph = {
+        **tiny_graph(),
+        "calibrate": {"class_type": "DiTFastAttn_Calibrate", "inputs": {
+            "model": ["model", 0], "positive": ["positive", 0], "negative": ["negative", 0],
+            "latent_image": ["latent", 0], **SAMPLING, "delta": 0.3, "mode": "fast"}},
+        "save": {"class_type": "DiTFastAttn_SavePlan", "inputs": {"plan": ["calibrate", 0], "name": PLAN_NAME,
+                                                                  "overwrite": True}},
+        "keep": _save_latent("calibrate", "calibrated"),
+    }
+    entry = server.run(_prompt(server, graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    path = server.plans_dir / f"{PLAN_NAME}.json"
+    ui = entry["outputs"]["save"]["ditfastattn_plan"][0]
+    return _latent(server, entry, "keep"), path, ui
+
+
+def test_calibrate_and_save_over_http(server, calibrated):
+    latent, path, ui = calibrated
+    assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o644
+    plan = json.loads(path.read_text())
+    assert plan["strategies"] == ui["strategies"]
+    assert any(ch != "F" for row in plan["strategies"] for ch in row), "the plan compresses something"
+    assert [e["letter"] for e in ui["legend"]] == ["F", "W", "C", "X", "T"]
+    assert latent.shape == (1, 16, 16, 24) and torch.isfinite(latent).all()
+
+
+@pytest.mark.parametrize("source", ["file", "embedded"])
+def test_loaded_plan_reproduces_the_calibration(server, calibrated, source):
+    latent, path, _ = calibrated
+    load = _load(path.name) if source == "file" else _load("(none)", path.read_text())
+    graph = {**tiny_graph(), "load": load, "apply": _apply("load"), "sample": _sampled("apply"),
+             "plain": _sampled("model"), "keep": _save_latent("sample", f"applied_{source}"),
+             "keep_plain": _save_latent("plain", f"plain_{source}")}
+    entry = server.run(_prompt(server, graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    applied = _latent(server, entry, "keep")
+    assert torch.equal(applied, latent), f"max abs difference {(applied - latent).abs().max():.3g}"
+    plain = _latent(server, entry, "keep_plain")
+    assert not torch.equal(plain, latent), "the applied plan changed nothing: compression is not running"
+    assert entry["outputs"]["apply"]["ditfastattn_plan"][0]["strategies"] == json.loads(path.read_text())["strategies"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "evil\n", "CON", "a/b"])
+def test_bad_save_name_is_refused_once_on_its_widget(server, calibrated, name):
+    _, path, _ = calibrated
+    graph = {"load": _load(path.name),
+             "save": {"class_type": "DiTFastAttn_SavePlan", "inputs": {"plan": ["load", 0], "name": name}}}
+    status, answer = server.post_prompt(_prompt(server, graph))
+    assert status == 400
+    errors = answer["node_errors"]["save"]["errors"]
+    assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == "name", errors
+    assert not (server.plans_dir.parent / "evil.json").exists()
+
+
+def test_unknown_plan_name_is_refused_before_the_run_without_server_paths(server):
+    graph = {"load": _load("nobody's plan.json"),
+             "save": {"class_type": "DiTFastAttn_SavePlan", "inputs": {"plan": ["load", 0], "name": "x"}}}
+    status, answer = server.post_prompt(_prompt(server, graph))
+    assert status == 400
+    text = json.dumps(answer)
+    assert "no plan named" in text
+    assert str(server.home) not in text and "/tmp" not in text
+
+
+def test_bad_embedded_plan_fails_with_a_clear_node_error(server):
+    graph = {"load": _load("(none)", json.dumps({"format": "pickle"})),
+             "save": {"class_type": "DiTFastAttn_SavePlan", "inputs": {"plan": ["load", 0], "name": "never"}}}
+    entry = server.run(_prompt(server, graph))
+    assert entry["status"]["status_str"] == "error"
+    failure = [m for kind, m in entry["status"]["messages"] if kind == "execution_error"][0]
+    assert failure["node_type"] == "DiTFastAttn_LoadPlan" and "not a FastAttn plan" in failure["exception_message"]
+    assert not (server.plans_dir / "never.json").exists()
+
+
+def test_plan_for_another_model_is_refused(server, calibrated):
+    _, path, _ = calibrated
+    plan = json.loads(path.read_text())
+    plan["model"]["layers"] = plan["model"]["layers"] + 3
+    plan["strategies"] = [row + "F" * 3 for row in plan["strategies"]]
+    graph = {**tiny_graph(), "load": _load("(none)", json.dumps(plan)), "apply": _apply("load"),
+             "sample": _sampled("apply"), "keep": _save_latent("sample", "mismatch")}
+    entry = server.run(_prompt(server, graph))
+    assert entry["status"]["status_str"] == "error"
+    failure = [m for kind, m in entry["status"]["messages"] if kind == "execution_error"][0]
+    assert "layers" in failure["exception_message"]
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_workflow_and_its_api_twin_are_valid_here(server, path):
+    """Every node type exists on this ComfyUI, and the API twin passes validation except for
+    the model files (and model-type options) this test server does not have."""
+    known = server.get("/object_info")
+    ui = json.loads(path.read_text())
+    assert sorted({n["type"] for n in ui["nodes"]} - set(known)) == []
+    status, answer = server.post_prompt(json.loads((path.parent / "api" / path.name).read_text()))
+    assert status == 400, "the twin names models this server does not have"
+    for node in answer["node_errors"].values():
+        for e in node["errors"]:
+            if e["type"] == "custom_validation_failed":  # Load Plan: the plan file is not here
+                assert node["class_type"] == "DiTFastAttn_LoadPlan" and "no plan named" in e["details"], e
+                continue
+            assert e["type"] == "value_not_in_list", e
+            assert e["extra_info"]["input_name"] in {"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name",
+                                                     "ckpt_name", "type", "plan_name"}, e
+
+
+def test_soak_memory_stays_flat(server, calibrated):
+    """30 prompts (apply + sample, a new seed each, so nothing is served from the cache)."""
+    _, path, _ = calibrated
+    rss = []
+    for i in range(SOAK_PROMPTS):
+        graph = {**tiny_graph(), "load": _load(path.name), "apply": _apply("load"), "sample": _sampled("apply", i),
+                 "keep": _save_latent("sample", "soak")}
+        entry = server.run(_prompt(server, graph))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        rss.append(server.rss_bytes())
+    growth = rss[-1] - rss[SOAK_WARMUP - 1]
+    report = (f"ComfyUI {Path(COMFYUI_PATH).name}: server RSS after prompt {SOAK_WARMUP} "
+              f"{rss[SOAK_WARMUP - 1] / 2**20:.1f} MiB, after prompt {SOAK_PROMPTS} {rss[-1] / 2**20:.1f} MiB, "
+              f"growth {growth / 2**20:+.1f} MiB over {SOAK_PROMPTS - SOAK_WARMUP} prompts")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"server-soak-{Path(COMFYUI_PATH).name}.txt").write_text(report + "\n")
+    print(report)
+    assert growth < SOAK_RSS_LIMIT, report
