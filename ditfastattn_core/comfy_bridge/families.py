@@ -407,7 +407,7 @@ def detect_family(base_model: Any) -> Family:
     if family is None:
         supported = ", ".join(sorted({f.label for f in FAMILIES.values()}))
         raise UnsupportedModelError(
-            f"{name} is not a model this pack knows how to compress (its token layout is not "
+            f"{name} is not a diffusion transformer this pack supports (its token layout is not "
             f"established; supported: {supported}); connect a supported DiT model to FastAttn"
         )
     running = comfyui_version()

@@ -23,23 +23,26 @@ class Tiny:
     """A negative whose text length cannot be batched with the positive: separate CFG calls."""
 
 
-def _fill_required_fields(unet_config: dict, params: str | None) -> dict:
-    """Fields this tree's params dataclass requires but the config does not give take the value
-    a missing feature has (an empty list, False or None: what model detection sets when the
-    weights lack that feature), so one tiny config builds the same model on old and new trees."""
+def _fit_to_tree(unet_config: dict, params: str | None) -> dict:
+    """One tiny config for old and new trees, where the model takes its config as a params
+    dataclass: a field this tree's dataclass requires but the config does not give takes the
+    value a missing feature has (an empty list, False or None: what model detection sets when
+    the weights lack that feature), and a key this tree's dataclass does not know (a feature
+    added later, such as Chroma Radiance's ``use_x0``) is left out."""
     if params is None:
         return unet_config
     module_name, _, class_name = params.rpartition(".")
     dataclass = getattr(importlib.import_module(module_name), class_name, None)
     if dataclass is None:
         return unet_config
-    filled = dict(unet_config)
-    for f in dataclasses.fields(dataclass):
-        if f.name in filled or f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+    fields = {f.name: f for f in dataclasses.fields(dataclass)}
+    fitted = {k: v for k, v in unet_config.items() if k in fields or k == "image_model"}
+    for f in fields.values():
+        if f.name in fitted or f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
             continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        filled[f.name] = [] if kind == "list" else False if kind == "bool" else None
-    return filled
+        fitted[f.name] = [] if kind == "list" else False if kind == "bool" else None
+    return fitted
 
 
 def _build(cls_name: str, unet_config: dict, params: str | None = None):
@@ -50,7 +53,7 @@ def _build(cls_name: str, unet_config: dict, params: str | None = None):
         import comfyui_version
 
         pytest.skip(f"ComfyUI {comfyui_version.__version__} has no {cls_name}")
-    mc = getattr(comfy.supported_models, cls_name)(_fill_required_fields(unet_config, params))
+    mc = getattr(comfy.supported_models, cls_name)(_fit_to_tree(unet_config, params))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
     g = torch.Generator().manual_seed(0)

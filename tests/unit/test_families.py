@@ -44,7 +44,7 @@ def test_a_subclass_with_other_geometry_is_never_taken_for_its_parent():
     assert detect_family(flux2).name == "flux2"
     assert resolve(flux2).patch == (1, 1)
     long_cat = fake_model("LongCatImage", FLUX, bases=(flux_cls,))
-    with pytest.raises(UnsupportedModelError, match="LongCatImage is not a model this pack knows"):
+    with pytest.raises(UnsupportedModelError, match="LongCatImage is not a diffusion transformer this pack supports"):
         detect_family(long_cat)
 
 
