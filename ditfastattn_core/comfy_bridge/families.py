@@ -405,6 +405,8 @@ def detect_family(base_model: Any) -> Family:
         raise UnsupportedModelError(f"{name} is not supported: {REFUSED[name]}")
     family = next((f for f in FAMILIES.values() if f.covers(base_model)), None)
     if family is None:
+        if any(name in f.model_classes for f in FAMILIES.values()):  # a known class, another variant
+            name = f"{name} ({type(getattr(base_model, 'model_config', None)).__name__})"
         supported = ", ".join(sorted({f.label for f in FAMILIES.values()}))
         raise UnsupportedModelError(
             f"{name} is not a diffusion transformer this pack supports (its token layout is not "

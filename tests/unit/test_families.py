@@ -62,6 +62,8 @@ def test_one_model_class_two_families_by_config_class():
                          diffusion_model=types.SimpleNamespace(pad_tokens_multiple=None))
     assert resolve(z).family == "z_image" and resolve(z).pad_multiple == 32
     assert resolve(classic).family == "lumina2" and resolve(classic).pad_multiple == 1
+    with pytest.raises(UnsupportedModelError, match=r"Lumina2 \(NewBie\) is not a diffusion transformer"):
+        detect_family(fake_model("Lumina2", {"n_layers": 4}, config_class="NewBie"))
 
 
 def test_families_newer_than_the_running_comfyui_are_refused(monkeypatch):
