@@ -11,7 +11,7 @@ from ditfastattn_core import Plan, Schedule, Strategy, WindowSpec
 from ditfastattn_core.comfy_bridge import PlanMismatchError, apply_fastattn, detect_family, layer_count
 from ditfastattn_core.comfy_bridge.families import OVERRIDE
 
-from .tiny import BUILDERS, flat, noise_like, repeat_batch
+from .tiny import BUILDERS, flat, noise_like, repeat_batch, with_counting_override
 
 STEPS = 4
 
@@ -121,14 +121,7 @@ def test_batch_of_three(tiny):
 def test_preexisting_override_is_chained(tiny):
     if detect_family(tiny.patcher.model).attach != OVERRIDE:
         pytest.skip("PixArt's attention never reaches the override")
-    seen = []
-
-    def other(func, *args, **kwargs):
-        seen.append(1)
-        return func(*args, **kwargs)
-
-    base = tiny.patcher.clone()
-    base.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    base, seen = with_counting_override(tiny.patcher)
     plain = sample(tiny, base)
     calls = len(seen)
     seen.clear()

@@ -16,7 +16,7 @@ from ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibr
 from ditfastattn_core.steps import StepCountError
 
 from .test_apply import run_stats
-from .tiny import pixart, sd3, wan, wan22
+from .tiny import pixart, sd3, wan, wan22, with_counting_override
 
 STEPS = 4
 BUILDERS = {"pixart": pixart, "sd3": sd3, "wan": wan}
@@ -163,14 +163,7 @@ def test_a_second_apply_replaces_the_first_plan(tiny, caplog):
 def test_other_attention_overrides_stay_chained_under_stacked_applies(tiny):
     if tiny.family == "pixart":
         pytest.skip("PixArt's attention never reaches the override")
-    seen = []
-
-    def other(func, *args, **kwargs):
-        seen.append(1)
-        return func(*args, **kwargs)
-
-    base = tiny.patcher.clone()
-    base.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    base, seen = with_counting_override(tiny.patcher)
     n = layers_of(tiny)
     window = plan_of(tiny, ["F" * n] + ["W" * n] * 3)
     once = advanced(tiny, apply_fastattn(base, window))

@@ -115,10 +115,7 @@ def _text(length, dim, seed, **extra):
 
 def _three(length_a, length_b, dim, **extra_fn):
     """positive, negative (same length: batched CFG), negative of another length (separate)."""
-    def extra(seed, length):
-        return {k: f(seed, length) for k, f in extra_fn.items()}
-    return (_text(length_a, dim, 1, **extra(1, length_a)), _text(length_a, dim, 2, **extra(2, length_a)),
-            _text(length_b, dim, 3, **extra(3, length_b)))
+    return _three_with(length_a, length_b, dim, lambda seed, length: {k: f(seed, length) for k, f in extra_fn.items()})
 
 
 def _newer_than_this_tree(tiny: Tiny) -> Tiny:
@@ -470,6 +467,19 @@ def flat(samples) -> torch.Tensor:
     if is_nested(samples):
         return torch.cat([t.reshape(t.shape[0], -1) for t in samples.unbind()], dim=1)
     return samples
+
+
+def with_counting_override(patcher):
+    """A clone of ``patcher`` with another pack's attention override that counts its calls."""
+    seen: list[int] = []
+
+    def other(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs)
+
+    clone = patcher.clone()
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    return clone, seen
 
 
 BUILDERS = {
