@@ -149,7 +149,7 @@ def main() -> None:
     import_comfy()
     import torch
 
-    from ditfastattn_core import Strategy, WindowSpec, strategy_cost
+    from ditfastattn_core import Strategy, WindowSpec
 
     window = WindowSpec(tile=(args.tile,)) if args.tile else WindowSpec()
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, PixArt-Sigma-XL width, depth "
@@ -167,7 +167,7 @@ def main() -> None:
         print("-" * len(head))
         for name in TECHNIQUES:
             s = Strategy[name]
-            flops = strategy_cost(s, frac, has_cfg=True)
+            flops = s.cost(frac, has_cfg=True)
             t = att[name][0]
             ratio = f"{t / flops:>10.2f}" if flops else f"{'-':>10}"
             model = f"{calls[name]:>10.1%}" if calls else f"{'-':>10}"

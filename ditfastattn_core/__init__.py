@@ -5,22 +5,23 @@ Roles (diffusers-hooks style): ``Plan`` is the config, ``RunState`` the per-run 
 installs it into ComfyUI.
 """
 
-__version__ = "0.1.0"
-
-from .context import CallContext, Chunk  # noqa: E402
-from .cost import CostSummary, strategy_cost, summarize  # noqa: E402
-from .engine import attend, sdpa_dense  # noqa: E402
-from .kernels import kernel_names, select_kernel  # noqa: E402
-from .loss import relative_l1, relative_squared_error  # noqa: E402
-from .plan import Calibration, Plan, PlanError  # noqa: E402
-from .schedule import Schedule  # noqa: E402
-from .state import RunState  # noqa: E402
-from .strategies import CANDIDATE_ORDER, COND, UNCOND, Strategy  # noqa: E402
-from .window import TokenLayout, Window, WindowSpec  # noqa: E402
+from .context import CallContext, Chunk
+from .cost import CostSummary, summarize
+from .engine import attend, sdpa_dense
+from .kernels import kernel_names, select_kernel
+from .loss import relative_l1, relative_squared_error
+from .plan import Calibration, Plan, PlanError
+from .schedule import Schedule
+from .state import RunState
+from .strategies import CANDIDATE_ORDER, COND, UNCOND, Cache, Compute, Strategy
+from .version import __version__  # noqa: F401
+from .window import TokenLayout, Window, WindowSpec
 
 __all__ = [
     "CANDIDATE_ORDER",
     "COND",
+    "Cache",
+    "Compute",
     "UNCOND",
     "Calibration",
     "CallContext",
@@ -40,6 +41,5 @@ __all__ = [
     "relative_squared_error",
     "sdpa_dense",
     "select_kernel",
-    "strategy_cost",
     "summarize",
 ]

@@ -1,8 +1,10 @@
 """Choosing a plan: the paper's greedy search (Algorithm 1) and a one-forward local search.
 
-Both work step by step on the compressed trajectory and know nothing about ComfyUI: the
-caller supplies a ``forward(row, write)`` that runs the whole model at the current step with
-one strategy per layer, reading caches always and writing them only when ``write`` is true.
+Both work step by step on the compressed trajectory, behind one interface (``Calibrator``:
+what is decided for a step, decide and run a step, feedback), and know nothing about
+ComfyUI: the caller supplies a ``forward(row, write)`` that runs the whole model at the
+current step with one strategy per layer (or, with ``row=None``, lets the calibrator choose
+inside the forward), reading caches always and writing them only when ``write`` is true.
 
 Paper mode, per step t >= 1: the reference is the all-FULL output (no cache writes); layer by
 layer (earlier choices kept), the candidates are tried cheapest first and the first whose
@@ -38,8 +40,9 @@ FAST = "fast"
 MODES = (PAPER, FAST)
 
 Row = list[Strategy]
-ForwardFn = Callable[[Row, bool], torch.Tensor]
-"""Run the model at the current step with ``row``; write caches iff the bool is true.
+ForwardFn = Callable[[Row | None, bool], torch.Tensor]
+"""Run the model at the current step with ``row`` (None: the calibrator chooses each layer
+inside the forward, in ``Calibrator.attention``); write caches iff the bool is true.
 Returns the whole model output (all CFG branches, all samples)."""
 
 
@@ -50,34 +53,42 @@ def budget(layer: int, layers: int, delta: float) -> float:
 
 @dataclass
 class Availability:
-    """What a candidate needs at a step, tracked from the writing forwards."""
+    """What a candidate needs at a step (the caches it reads, a branch to share with),
+    tracked from the writing forwards."""
 
     layers: int
     has_cfg: bool
     last_written_step: int = -1
-    full_seen: set[int] = field(default_factory=set)
+    refreshed: set[int] = field(default_factory=set)
+    """Layers that have had a step that computes their window residual (FULL)."""
 
     def valid(self, step: int, layer: int, strategy: Strategy) -> bool:
         if strategy.shares_cfg and not self.has_cfg:
             return False
-        if strategy is Strategy.AST and self.last_written_step != step - 1:
+        if strategy.reads_previous_output and self.last_written_step != step - 1:
             return False
-        if strategy.uses_window and layer not in self.full_seen:
+        if strategy.uses_window and layer not in self.refreshed:
             return False
         return True
 
     def written(self, step: int, row: Sequence[Strategy]) -> None:
         self.last_written_step = step
-        self.full_seen.update(i for i, s in enumerate(row) if s is Strategy.FULL)
+        self.refreshed.update(i for i, s in enumerate(row) if s.refreshes_residual)
 
 
 @dataclass
-class _Calibrator:
+class Calibrator:
+    """One calibration run's decisions. The sampler hook calls ``calibrate_step`` at each
+    step's first model call, replays ``decided`` rows for later calls of a decided step, and
+    routes the layers of a ``row=None`` forward to ``attention``."""
+
     layers: int
     delta: float
     has_cfg: bool
     candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
     rows: dict[int, Row] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    """Per decided step, the whole-output loss of its written row vs all-FULL."""
 
     def __post_init__(self) -> None:
         if not self.delta > 0:
@@ -85,18 +96,34 @@ class _Calibrator:
         self.available = Availability(self.layers, self.has_cfg)
         self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
 
+    def decided(self, step: int) -> Row | None:
+        """The row chosen for ``step`` once the step is decided, else None."""
+        return self.rows[step] if step in self.losses else None
+
+    def calibrate_step(self, step: int, forward: ForwardFn) -> None:
+        """Decide ``step``'s row and run it once with cache writes (the sampler's output)."""
+        raise NotImplementedError
+
+    def feedback(self, step: int, loss: float) -> None:
+        """The whole-output loss of ``step``'s written row against its all-FULL reference."""
+        self.losses[step] = loss
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: CallContext,
+                  state: RunState, dense: DenseFn, **layout) -> torch.Tensor:
+        """A layer of a ``row=None`` forward: choose and compute. Searches that decide between
+        forwards never make one, so the default is dense."""
+        return attend(q, k, v, Strategy.FULL, layer, ctx, state, dense=dense, **layout)
+
 
 @dataclass
-class PaperCalibrator(_Calibrator):
-    losses: dict[int, float] = field(default_factory=dict)
+class PaperCalibrator(Calibrator):
     on_trial: Callable[[], None] | None = None
     """Called after each trial forward (progress, cancellation)."""
     miss_count: Callable[[], int] | None = None
     """Reads the run's cache-miss counter: a trial with misses silently ran dense somewhere,
     so its low loss says nothing about the candidate."""
 
-    def calibrate_step(self, step: int, forward: ForwardFn) -> torch.Tensor:
-        """Decide this step's row, then run it once for real; returns that output."""
+    def calibrate_step(self, step: int, forward: ForwardFn) -> None:
         full = [Strategy.FULL] * self.layers
         row = list(full)
         loss = 0.0
@@ -116,10 +143,10 @@ class PaperCalibrator(_Calibrator):
                     if err < budget(i, self.layers, self.delta):
                         row[i], loss = cand, err
                         break
-        out = forward(row, True)
+        forward(row, True)
         self.available.written(step, row)
-        self.rows[step], self.losses[step] = row, loss
-        return out
+        self.rows[step] = row
+        self.feedback(step, loss)
 
     def _tick(self) -> None:
         if self.on_trial is not None:
@@ -127,19 +154,32 @@ class PaperCalibrator(_Calibrator):
 
 
 @dataclass
-class FastCalibrator(_Calibrator):
+class FastCalibrator(Calibrator):
     """Chooses each layer's strategy inside the step's single forward, from local errors."""
 
     errors: dict[tuple[int, int], float] = field(default_factory=dict)
     scale: float = 1.0
     """Local error -> whole-output error factor; learned from ``feedback``."""
-    step_losses: dict[int, float] = field(default_factory=dict)
 
     MIN_SCALE, MAX_SCALE, MAX_MOVE = 1e-3, 1e3, 4.0
 
+    def calibrate_step(self, step: int, forward: ForwardFn) -> None:
+        """Step 0 is all FULL (nothing to choose, nothing to learn from); later steps run the
+        all-FULL reference (read-only), then the writing forward in which layers choose."""
+        self.begin_step(step)
+        if step == 0:
+            forward(None, True)
+            self.end_step(step)
+            self.losses[step] = 0.0
+            return
+        reference = forward([Strategy.FULL] * self.layers, False)
+        out = forward(None, True)
+        self.end_step(step)
+        self.feedback(step, relative_l1(reference, out))
+
     def feedback(self, step: int, loss: float) -> None:
-        """The whole-output loss of this step's writing forward vs its all-FULL reference."""
-        self.step_losses[step] = loss
+        """Also moves the sensitivity scale towards whole-output loss = delta."""
+        super().feedback(step, loss)
         row = self.rows.get(step, [])
         if all(s is Strategy.FULL for s in row) and loss == 0.0:
             self.scale = max(self.MIN_SCALE, self.scale / self.MAX_MOVE)  # nothing passed: loosen
@@ -154,23 +194,14 @@ class FastCalibrator(_Calibrator):
     def end_step(self, step: int) -> None:
         self.available.written(step, self.rows[step])
 
-    def decided(self, step: int, layer: int) -> Strategy | None:
-        return self.rows.get(step, [None] * self.layers)[layer] if (step, layer) in self.errors else None
+    def _chosen(self, step: int, layer: int) -> Strategy | None:
+        return self.rows[step][layer] if (step, layer) in self.errors else None
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: int,
-        ctx: CallContext,
-        state: RunState,
-        dense: DenseFn,
-        **layout,
-    ) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: CallContext,
+                  state: RunState, dense: DenseFn, **layout) -> torch.Tensor:
         """Choose (once per step and layer) and compute this layer's attention."""
         step = ctx.step
-        chosen = self.decided(step, layer)
+        chosen = self._chosen(step, layer)
         if chosen is None:
             chosen = Strategy.FULL
             if step > 0:
@@ -191,6 +222,10 @@ class FastCalibrator(_Calibrator):
             self.errors.setdefault((step, layer), 0.0)
             self.rows[step][layer] = chosen
         return attend(q, k, v, chosen, layer, ctx, state, dense=dense, **layout)
+
+
+CALIBRATORS: dict[str, type[Calibrator]] = {PAPER: PaperCalibrator, FAST: FastCalibrator}
+"""The calibrator of each mode."""
 
 
 def schedule_from_rows(rows: dict[int, Row], steps: int, layers: int):

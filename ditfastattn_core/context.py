@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
+
+from .kernels import WindowKernel, select_kernel
 from .strategies import COND, UNCOND
-from .window import TokenLayout, WindowSpec
+from .window import TokenLayout, Window, WindowSpec
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class CallContext:
-    """Per-model-call facts, built once per call by the sampler hook.
+    """Per-model-call facts, built once per model call (and token count) by the sampler
+    hook and shared by all its attention calls, which is where the window is bound to the
+    tokens and its kernel chosen, once.
 
     step:           the plan step this call belongs to; None when the call cannot be mapped
                     to a step safely, which makes every layer run FULL without caching.
@@ -51,6 +57,26 @@ class CallContext:
         bad = [b for b in self.cond_or_uncond if b not in (COND, UNCOND)]
         if bad:
             raise ValueError(f"cond_or_uncond holds unknown branch values {bad} (0 = cond, 1 = uncond)")
+
+    @functools.cached_property
+    def bound_window(self) -> Window:
+        """The window laid on this call's tokens."""
+        if self.tokens is None:
+            raise ValueError("window attention needs the call's token layout (grid, text span)")
+        return self.window.bind(self.tokens)
+
+    def window_kernel(self, q: torch.Tensor) -> WindowKernel:
+        """The kernel for this call's window on ``q`` (chosen once per device, dtype and
+        head dim: a model call may mix them only across offloaded blocks)."""
+        key = (q.device, q.dtype, q.shape[-1])
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = select_kernel(self.bound_window, q, self.kernel)
+        return kernel
+
+    @functools.cached_property
+    def _kernels(self) -> dict:
+        return {}
 
     def chunks(self, batch: int) -> list[Chunk]:
         n = len(self.cond_or_uncond)

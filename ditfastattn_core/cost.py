@@ -1,8 +1,9 @@
 """Attention FLOPs per strategy and per plan, in units of one dense attention.
 
 FLOPs are the QK^T and PV multiplies of the compressed self-attention, as in the paper.
-A window costs the keys each query really sees (``Window.fraction``, text keys and border
-effects included); the reference code counts windows as free, which flatters every plan.
+One call's cost is a column of the strategy table (``Strategy.cost``). A window costs the
+keys each query really sees (``Window.fraction``, text keys and border effects included); the
+reference code counts windows as free, which flatters every plan.
 A FULL step that refreshes a residual also pays for the window it subtracts.
 """
 
@@ -15,23 +16,9 @@ from .schedule import Schedule
 from .strategies import COND, UNCOND, Strategy
 
 
-def strategy_cost(strategy: Strategy, window_fraction: float, has_cfg: bool) -> float:
-    """Attention FLOPs of one layer call under ``strategy`` (1.0 = dense), per batch of both
-    CFG branches. Without CFG the sharing strategies run as their non-sharing forms."""
-    if not has_cfg:
-        strategy = strategy.without_cfg_sharing
-    return {
-        Strategy.FULL: 1.0,
-        Strategy.WA_RS: window_fraction,
-        Strategy.ASC: 0.5,
-        Strategy.WA_RS_ASC: window_fraction / 2,
-        Strategy.AST: 0.0,
-    }[strategy]
-
-
 def refresh_cost(schedule: Schedule, step: int, layer: int, window_fraction: float, has_cfg: bool) -> float:
     """Window FLOPs a FULL step spends to refresh residuals that later steps read."""
-    if schedule[step][layer] is not Strategy.FULL:
+    if not schedule[step][layer].refreshes_residual:
         return 0.0
     branches = (COND, UNCOND) if has_cfg else (COND,)
     reads = [schedule.reads_residual_later(step, layer, b) for b in branches]
@@ -56,8 +43,7 @@ def summarize(schedule: Schedule, window_fraction: float, has_cfg: bool) -> Cost
     total = 0.0
     for step in range(schedule.steps):
         for layer in range(schedule.layers):
-            s = schedule[step][layer]
-            total += strategy_cost(s, window_fraction, has_cfg)
+            total += schedule[step][layer].cost(window_fraction, has_cfg)
             total += refresh_cost(schedule, step, layer, window_fraction, has_cfg)
     counts: Counter = schedule.counts()
     return CostSummary(

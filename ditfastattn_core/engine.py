@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .context import CallContext, Chunk
-from .kernels import select_kernel
 from .state import RunState
-from .strategies import COND, UNCOND, Strategy
+from .strategies import COND, UNCOND, Compute, Strategy
 
 DenseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Dense attention on (B, H, L, D) tensors; the caller binds scale, masks and backend."""
@@ -60,7 +59,6 @@ class _Call:
         self.out: list[torch.Tensor | None] = [None] * len(self.chunks)
         self.whole: torch.Tensor | None = None
         """The output of a computation that covered every row, when there was one."""
-        self._window = None
 
     def key(self, c: Chunk) -> tuple[int, int, int]:
         return (self.layer, c.branch, c.occurrence)
@@ -69,17 +67,12 @@ class _Call:
         return torch.Size((c.size, *self.q.shape[1:3], self.v.shape[-1]))
 
     def window(self):
-        if self._window is None:
-            tokens = self.ctx.tokens
-            if tokens is None:
-                raise ValueError("window attention needs the call's token layout (grid, text span)")
-            if tokens.seq_len != self.q.shape[2]:
-                raise ValueError(
-                    f"attention over {self.q.shape[2]} tokens, but the call's token layout has "
-                    f"{tokens.seq_len}"
-                )
-            self._window = self.ctx.window.bind(tokens)
-        return self._window
+        tokens = self.ctx.tokens
+        if tokens is not None and tokens.seq_len != self.q.shape[2]:
+            raise ValueError(
+                f"attention over {self.q.shape[2]} tokens, but the call's token layout has {tokens.seq_len}"
+            )
+        return self.ctx.bound_window
 
     def rows(self, chunks: list[Chunk]) -> torch.Tensor | slice:
         if len(chunks) == len(self.chunks):
@@ -108,8 +101,7 @@ class _Call:
         return self.out[0] if len(self.out) == 1 else torch.cat(self.out, dim=0)
 
     def window_fn(self, q, k, v):
-        w = self.window()
-        return select_kernel(w, q, self.ctx.kernel)(q, k, v, w)
+        return self.ctx.window_kernel(q)(q, k, v, self.ctx.bound_window)
 
 
 def attend(
@@ -170,19 +162,20 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     else:
         base = strategy
 
-    # 2. What each remaining chunk computes: cached output, window + residual, or dense.
+    # 2. What each remaining chunk computes (the strategy's ``Compute``): the cached output,
+    #    window + residual, or dense; a missing cache falls back to dense.
     dense_chunks, window_chunks, residuals, reused = [], [], {}, {}
     for i, c in enumerate(chunks):
         if i in copy_from:
             continue
-        if base is Strategy.AST:
+        if base.compute is Compute.REUSE:
             prev = state.previous_output(step, call.key(c), call.shape(c))
             if prev is not None:
                 reused[i] = prev
                 call.out[i] = prev.clone()
                 continue
             state.miss("ast_miss")
-        elif base is Strategy.WA_RS:
+        elif base.compute is Compute.WINDOW:
             r = state.residual(step, call.key(c), call.shape(c))
             if r is not None:
                 window_chunks.append(i)

@@ -24,9 +24,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
+from .calibrate import MODES
 from .cost import CostSummary, summarize
 from .schedule import Schedule
+from .version import __version__
 from .window import TokenLayout, WindowSpec
 
 FORMAT = "ditfastattn-plan"
@@ -36,7 +37,9 @@ MAX_LAYERS = 1024
 MAX_STEPS = 1000
 MAX_NAME = 128
 MAX_GRID_TOKENS = 2**24
-CALIBRATION_MODES = ("paper", "fast", "manual")
+MANUAL = "manual"
+"""A plan written by hand, not calibrated."""
+CALIBRATION_MODES = (*MODES, MANUAL)
 
 
 class PlanError(ValueError):
@@ -45,7 +48,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Calibration:
-    mode: str = "manual"
+    mode: str = MANUAL
     delta: float | None = None
     samples: int = 1
 

@@ -32,14 +32,14 @@ class Schedule:
                 s = self.rows[step][layer]
                 for branch in (COND, UNCOND):
                     reads_later[(step, layer, branch)] = pending[branch]
-                if s is Strategy.FULL:
+                if s.refreshes_residual:
                     pending = {COND: False, UNCOND: False}
                 for branch in (COND, UNCOND):
                     pending[branch] = pending[branch] or s.reads_residual(branch)
             last_full = -1
             for step in range(len(self.rows)):
                 source[(step, layer)] = last_full
-                if self.rows[step][layer] is Strategy.FULL:
+                if self.rows[step][layer].refreshes_residual:
                     last_full = step
         object.__setattr__(self, "_reads_later", reads_later)
         object.__setattr__(self, "_source", source)
@@ -70,7 +70,7 @@ class Schedule:
         """Steps whose strategy can never be valid: AST at step 0, WA_RS before any FULL."""
         out = []
         for layer in range(self.layers):
-            if self.rows[0][layer] is Strategy.AST:
+            if self.rows[0][layer].reads_previous_output:
                 out.append(f"layer {layer} uses AST at step 0 (there is no previous step)")
             for step in range(self.steps):
                 s = self.rows[step][layer]
@@ -98,7 +98,7 @@ class Schedule:
         return self._source.get((step, layer), -1)
 
     def next_is_ast(self, step: int, layer: int) -> bool:
-        return step + 1 < self.steps and self.rows[step + 1][layer] is Strategy.AST
+        return step + 1 < self.steps and self.rows[step + 1][layer].reads_previous_output
 
     def counts(self) -> Counter:
         return Counter(s for row in self.rows for s in row)

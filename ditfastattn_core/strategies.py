@@ -1,34 +1,111 @@
-"""The five per-(step, layer) attention strategies of DiTFastAttn and their letters.
+"""The strategy table: everything about the five per-(step, layer) attention strategies of
+DiTFastAttn, in one place.
 
-A plan stores one letter per layer per step; the letters are part of the plan file format
-and must never change meaning.
+A strategy is a row of ``Strategy``: its plan letter, its label and colour in the editor's
+heatmap, what it computes (``Compute``), whether it shares the conditional branch's result
+with the unconditional one, the caches it reads and writes, and its rank among calibration
+candidates. Its cost, its availability during calibration, the Calibrate node's candidate
+inputs, the default candidates and the heatmap legend are all derived from these columns.
+The letters are part of the plan file format and must never change meaning.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
+
+
+class Compute(enum.Enum):
+    """What a strategy computes for the rows it does not copy from the conditional branch;
+    the value is its attention FLOPs given the window's key fraction (1.0 = dense)."""
+
+    DENSE = "dense"
+    """Full attention."""
+    WINDOW = "window"
+    """Window attention plus the residual ``full - window`` cached at the layer's last FULL step."""
+    REUSE = "reuse"
+    """The layer's output of the previous step; no attention at all."""
+
+    def flops(self, window_fraction: float) -> float:
+        return {Compute.DENSE: 1.0, Compute.WINDOW: window_fraction, Compute.REUSE: 0.0}[self]
+
+
+class Cache(enum.Enum):
+    """The per-run caches a strategy reads or writes (``RunState`` holds them)."""
+
+    RESIDUAL = "residual"
+    """Per layer and CFG branch: ``full - window`` from the layer's last FULL step."""
+    OUTPUT = "output"
+    """Per layer: the attention output of the previous step."""
+    SHARED_COND = "shared_cond"
+    """Per layer, this step: the conditional output, for an unconditional call made separately."""
+
+
+COND = 0
+"""ComfyUI's ``cond_or_uncond`` value for the conditional branch."""
+UNCOND = 1
+"""ComfyUI's ``cond_or_uncond`` value for the unconditional branch."""
+
+
+class _Row(NamedTuple):
+    letter: str
+    label: str
+    colour: str
+    compute: Compute
+    shares_cfg: bool
+    reads: tuple[Cache, ...]
+    writes: tuple[Cache, ...]
+    candidate_rank: int | None
+    description: str
 
 
 class Strategy(enum.Enum):
-    """How one attention layer is computed at one step: its plan letter (the enum value), and
-    the label and colour the editor's heatmap legend shows for it."""
+    """How one attention layer is computed at one step. The enum value is the plan letter."""
 
-    FULL = ("F", "FULL", "#5b6270")
-    """Dense attention. Refreshes this layer's window residual when a later step reads it."""
-    WA_RS = ("W", "WA-RS", "#3b82f6")
-    """Window attention plus the residual cached at this layer's most recent FULL step."""
-    ASC = ("C", "ASC", "#f59e0b")
-    """Dense attention on the conditional rows only; the unconditional rows get a copy."""
-    WA_RS_ASC = ("X", "WA-RS+ASC", "#10b981")
-    """WA_RS on the conditional rows only (conditional residual); copied to the uncond rows."""
-    AST = ("T", "AST", "#ef4444")
-    """Reuse this layer's output from the previous step; no attention at all."""
+    FULL = _Row(
+        "F", "FULL", "#5b6270", Compute.DENSE, shares_cfg=False, reads=(), writes=(Cache.RESIDUAL,),
+        candidate_rank=None, description="FULL: dense attention; refreshes the window residual a later step reads.",
+    )
+    WA_RS = _Row(
+        "W", "WA-RS", "#3b82f6", Compute.WINDOW, shares_cfg=False, reads=(Cache.RESIDUAL,), writes=(),
+        candidate_rank=2, description="WA-RS: window attention plus the residual cached at the last full step.",
+    )
+    ASC = _Row(
+        "C", "ASC", "#f59e0b", Compute.DENSE, shares_cfg=True, reads=(Cache.SHARED_COND,),
+        writes=(Cache.SHARED_COND,), candidate_rank=3,
+        description="ASC: attention for the conditional rows only, copied to the unconditional.",
+    )
+    WA_RS_ASC = _Row(
+        "X", "WA-RS+ASC", "#10b981", Compute.WINDOW, shares_cfg=True, reads=(Cache.RESIDUAL, Cache.SHARED_COND),
+        writes=(Cache.SHARED_COND,), candidate_rank=1,
+        description="WA-RS + ASC: window attention with residual (conditional residual), conditional rows "
+        "only, copied to the unconditional.",
+    )
+    AST = _Row(
+        "T", "AST", "#ef4444", Compute.REUSE, shares_cfg=False, reads=(Cache.OUTPUT,), writes=(),
+        candidate_rank=0, description="AST: reuse a layer's output from the previous step; no attention at all.",
+    )
 
-    def __new__(cls, letter: str, label: str, colour: str) -> Strategy:
+    def __new__(
+        cls, letter: str, label: str, colour: str, compute: Compute, shares_cfg: bool,
+        reads: tuple[Cache, ...], writes: tuple[Cache, ...], candidate_rank: int | None, description: str,
+    ) -> Strategy:
         member = object.__new__(cls)
         member._value_ = letter
         member.label = label
+        """Its name in the editor (heatmap legend, hover)."""
         member.colour = colour
+        member.compute = compute
+        member.shares_cfg = shares_cfg
+        """The unconditional rows copy the conditional rows' result (ASC)."""
+        member.reads = frozenset(reads)
+        member.writes = frozenset(writes) | {Cache.OUTPUT}
+        """Every strategy's output is kept when the next step reuses it (AST)."""
+        member.candidate_rank = candidate_rank
+        """Calibration tries candidates by rank, cheapest first; None: not a candidate, but
+        what a layer gets when no candidate passes."""
+        member.description = description
+        """One line for tooltips (the Calibrate node's candidate inputs)."""
         return member
 
     @property
@@ -38,48 +115,50 @@ class Strategy(enum.Enum):
     @classmethod
     def from_letter(cls, letter: str) -> Strategy:
         try:
-            return _BY_LETTER[letter]
-        except KeyError:
+            return cls(letter)
+        except ValueError:
             known = ", ".join(f"{s.value}={s.name}" for s in cls)
             raise ValueError(f"unknown strategy letter {letter!r} (known: {known})") from None
 
     @property
     def uses_window(self) -> bool:
-        return self in (Strategy.WA_RS, Strategy.WA_RS_ASC)
+        return self.compute is Compute.WINDOW
 
     @property
-    def shares_cfg(self) -> bool:
-        return self in (Strategy.ASC, Strategy.WA_RS_ASC)
+    def refreshes_residual(self) -> bool:
+        """A FULL step: residuals read later are computed here."""
+        return Cache.RESIDUAL in self.writes
+
+    @property
+    def reads_previous_output(self) -> bool:
+        return Cache.OUTPUT in self.reads
 
     @property
     def without_cfg_sharing(self) -> Strategy:
-        """The strategy a CFG-sharing one falls back to when there is no branch to share with."""
-        return {Strategy.ASC: Strategy.FULL, Strategy.WA_RS_ASC: Strategy.WA_RS}.get(self, self)
+        """The strategy a CFG-sharing one runs as when there is no branch to share with."""
+        if not self.shares_cfg:
+            return self
+        return next(s for s in Strategy if s.compute is self.compute and not s.shares_cfg)
 
     def reads_residual(self, branch: int) -> bool:
-        """Whether this strategy reads the window residual of CFG branch ``branch`` (0 = cond)."""
-        if self is Strategy.WA_RS:
-            return True
-        return self is Strategy.WA_RS_ASC and branch == COND
+        """Whether this strategy reads the window residual of CFG branch ``branch`` (0 = cond):
+        a sharing strategy computes, and so reads, the conditional rows only."""
+        return Cache.RESIDUAL in self.reads and (branch == COND or not self.shares_cfg)
+
+    def cost(self, window_fraction: float, has_cfg: bool) -> float:
+        """Attention FLOPs of one layer call (1.0 = dense), per batch of both CFG branches.
+        Without CFG a sharing strategy runs as its non-sharing form."""
+        flops = self.compute.flops(window_fraction)
+        return flops / 2 if self.shares_cfg and has_cfg else flops
 
 
-_BY_LETTER = {s.value: s for s in Strategy}
+CANDIDATE_ORDER: tuple[Strategy, ...] = tuple(
+    sorted((s for s in Strategy if s.candidate_rank is not None), key=lambda s: s.candidate_rank)
+)
+"""Algorithm 1's try order: cheapest first; FULL is what remains when none passes."""
+
 
 def legend() -> list[dict[str, str]]:
     """Every strategy's letter, label and colour, in table order: what the editor's heatmap
     draws a plan with (sent with the plan, so the frontend holds no copy of this table)."""
     return [{"letter": s.letter, "label": s.label, "colour": s.colour} for s in Strategy]
-
-
-COND = 0
-"""ComfyUI's ``cond_or_uncond`` value for the conditional branch."""
-UNCOND = 1
-"""ComfyUI's ``cond_or_uncond`` value for the unconditional branch."""
-
-CANDIDATE_ORDER: tuple[Strategy, ...] = (
-    Strategy.AST,
-    Strategy.WA_RS_ASC,
-    Strategy.WA_RS,
-    Strategy.ASC,
-)
-"""Algorithm 1's try order: cheapest first; FULL is what remains when none passes."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ditfastattn_core import Schedule, Strategy, relative_l1, relative_squared_error, strategy_cost, summarize
+from ditfastattn_core import Schedule, Strategy, relative_l1, relative_squared_error, summarize
 from ditfastattn_core.cost import refresh_cost
 
 F, W, C, X, T = Strategy.FULL, Strategy.WA_RS, Strategy.ASC, Strategy.WA_RS_ASC, Strategy.AST
@@ -13,7 +13,7 @@ F, W, C, X, T = Strategy.FULL, Strategy.WA_RS, Strategy.ASC, Strategy.WA_RS_ASC,
      (C, False, 1.0), (X, False, 0.25)],
 )
 def test_strategy_costs(strategy, cfg, expected):
-    assert strategy_cost(strategy, 0.25, cfg) == expected
+    assert strategy.cost(0.25, cfg) == expected
 
 
 def test_window_is_never_free_and_refresh_is_paid():
