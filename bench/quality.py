@@ -155,7 +155,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 plan, _, _ = pack["DiTFastAttn_Calibrate"].execute(
                     model, cal_pos, cal_neg, cal_latent, args.calibration_seed, STEPS, CFG, SAMPLER, SCHEDULER,
-                    1.0, DELTAS[d], mode, True, True, True, True, WINDOWS[window], 1, "auto").result
+                    1.0, DELTAS[d], mode, window=WINDOWS[window], samples=1, window_kernel="auto").result
                 cal_time = time.perf_counter() - t0
                 patched = pack["DiTFastAttn_Apply"].execute(model, plan, "auto", "strict").result[0]
                 r = row(f"{window} {mode} {d}", plan.cost().attention_flops, generate(patched))

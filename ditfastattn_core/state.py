@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .schedule import Schedule
+from .strategies import COND, UNCOND
 
 Key = tuple[int, int, int]
 """(layer, branch, occurrence)"""
@@ -65,6 +66,14 @@ class RunState:
         if self.schedule is None:
             return True
         return self.schedule.next_is_ast(step, layer)
+
+    def keeps_anything(self, step: int, layer: int) -> bool:
+        """Whether this layer's call at ``step`` leaves anything a later step reads."""
+        return (
+            self.keeps_residual(step, layer, COND)
+            or self.keeps_residual(step, layer, UNCOND)
+            or self.keeps_output(step, layer)
+        )
 
     # --- reads ------------------------------------------------------------------------------
     def residual(self, step: int, key: Key, shape: torch.Size) -> torch.Tensor | None:

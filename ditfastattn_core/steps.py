@@ -72,6 +72,11 @@ def range_offset(plan_sigmas: Sequence[float], run_sigmas: Sequence[float]) -> i
     return first
 
 
+def check_step_mode(mode: str) -> None:
+    if mode not in STEP_MODES:
+        raise ValueError(f"step mode must be one of {STEP_MODES}, got {mode!r}")
+
+
 @dataclass(frozen=True)
 class StepMapper:
     plan_sigmas: tuple[float, ...]
@@ -83,8 +88,7 @@ class StepMapper:
     """Where the run's schedule starts in the plan's; None when it is not a range of it."""
 
     def __post_init__(self) -> None:
-        if self.mode not in STEP_MODES:
-            raise ValueError(f"step mode must be one of {STEP_MODES}, got {self.mode!r}")
+        check_step_mode(self.mode)
         if self.offset is None and self.mode == STRICT and self.run_steps != self.plan_steps:
             raise StepCountError(
                 f"the plan was calibrated for {self.plan_steps} steps (sigma "

@@ -8,10 +8,9 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..ditfastattn_core.calibrate import FAST, MODES
-from ..ditfastattn_core.comfy_bridge import model_geometry
 from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
 from ..ditfastattn_core.kernels import kernel_names
-from ..ditfastattn_core.strategies import Strategy
+from ..ditfastattn_core.strategies import CANDIDATE_ORDER
 from ..ditfastattn_core.window import WindowSpec
 from .types import Plan, plan_ui
 
@@ -23,12 +22,8 @@ WINDOWS = {
     "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
     "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
 }
-CANDIDATE_INPUTS = {
-    "use_ast": (Strategy.AST, "AST: reuse a layer's output from the previous step."),
-    "use_wa_rs_asc": (Strategy.WA_RS_ASC, "WA-RS + ASC: window attention with residual, cond rows only."),
-    "use_wa_rs": (Strategy.WA_RS, "WA-RS: window attention plus the residual cached at the last full step."),
-    "use_asc": (Strategy.ASC, "ASC: attention for the conditional rows only, copied to the unconditional."),
-}
+CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
+"""One switch per calibration candidate, from the strategy table, in try order."""
 
 
 class CalibratePlan(io.ComfyNode):
@@ -58,7 +53,7 @@ class CalibratePlan(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default=FAST,
                                tooltip="fast: one forward per step, local errors (about one generation). "
                                "paper: the paper's greedy search on the whole output (4L+2 forwards per step)."),
-                *[io.Boolean.Input(name, default=True, tooltip=tip) for name, (_, tip) in CANDIDATE_INPUTS.items()],
+                *[io.Boolean.Input(name, default=True, tooltip=s.description) for name, s in CANDIDATE_INPUTS.items()],
                 io.Combo.Input("window", options=list(WINDOWS), default="band 1/8 (paper)",
                                tooltip="The window of WA-RS; stored in the plan."),
                 io.Int.Input("samples", default=1, min=1, max=64,
@@ -80,32 +75,27 @@ class CalibratePlan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                denoise, delta, mode, use_ast, use_wa_rs_asc, use_wa_rs, use_asc, window, samples,
-                window_kernel, start_at_step=0, end_at_step=10000, add_noise=True,
-                return_with_leftover_noise=False) -> io.NodeOutput:
+                denoise, delta, mode, window, samples, window_kernel, start_at_step=0, end_at_step=10000,
+                add_noise=True, return_with_leftover_noise=False, **use_candidate: bool) -> io.NodeOutput:
         if window not in WINDOWS:
             raise ValueError(f"unknown window {window!r}; choose one of {list(WINDOWS)}")
-        chosen = dict(use_ast=use_ast, use_wa_rs_asc=use_wa_rs_asc, use_wa_rs=use_wa_rs, use_asc=use_asc)
-        candidates = tuple(CANDIDATE_INPUTS[k][0] for k, on in chosen.items() if on)
+        unknown = set(use_candidate) - set(CANDIDATE_INPUTS)
+        if unknown:
+            raise ValueError(f"unknown inputs {sorted(unknown)}")
+        candidates = tuple(s for name, s in CANDIDATE_INPUTS.items() if use_candidate.get(name, True))
         request = CalibrationRequest(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,
             kernel=window_kernel, start_step=start_at_step, end_step=end_at_step, add_noise=add_noise,
             return_with_leftover_noise=return_with_leftover_noise,
         )
-        layers = model_geometry(model).layers
-        per_step = 4 * layers + 2 if mode != FAST else 1
-        pbar = comfy.utils.ProgressBar((min(steps, end_at_step) - start_at_step) * per_step)
+        pbar = comfy.utils.ProgressBar(1)
 
-        def on_trial():
+        def on_progress(done: int, total: int) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update(1)
+            pbar.update_absolute(done, total)
 
-        def on_step(step, *args):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute((step + 1) * per_step)
-
-        result = calibrate(model, positive, negative, latent_image, request, on_progress=on_trial, callback=on_step)
+        result = calibrate(model, positive, negative, latent_image, request, on_progress=on_progress)
         out = latent_image.copy()
         out.pop("downscale_ratio_spacial", None)  # as KSampler does: the ratios described the empty latent
         out.pop("downscale_ratio_temporal", None)

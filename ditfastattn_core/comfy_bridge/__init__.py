@@ -1,15 +1,19 @@
 """The only code that knows ComfyUI. It imports ComfyUI lazily, inside the functions that run
 in a ComfyUI process, so importing it elsewhere is harmless."""
 
+from .apply import ApplyConfig, ApplyRun, PlanMismatchError, apply_fastattn, check_plan
+from .calibration import CalibrationConfig, CalibrationRun, CalibrationSink, calibration_patch
 from .families import FAMILIES, Family, Geometry, UnsupportedModelError, detect_family, layer_count, resolve
-from .install import apply_fastattn, calibration_patch, check_plan, model_geometry
-from .run import CalibrationSink, FastAttnConfig, FastAttnRun, PlanMismatchError
+from .install import install, model_geometry
+from .run import ModelCall, Run
 
 __all__ = [
     "FAMILIES",
+    "ApplyConfig",
+    "ApplyRun",
+    "CalibrationConfig",
+    "CalibrationRun",
     "CalibrationSink",
-    "FastAttnConfig",
-    "FastAttnRun",
     "Family",
     "Geometry",
     "PlanMismatchError",
@@ -18,7 +22,10 @@ __all__ = [
     "calibration_patch",
     "check_plan",
     "detect_family",
+    "install",
     "layer_count",
+    "ModelCall",
+    "Run",
     "model_geometry",
     "resolve",
 ]

@@ -1,17 +1,88 @@
-"""Where attention calls enter the engine: the chained attention override (every family whose
-attention sees transformer_options) and attention-module patches (PixArt, whose attention
-never does)."""
+"""Where attention calls enter the engine, and which of them do.
+
+Calls arrive through the chained attention override (every family whose attention sees
+transformer_options) or attention-module patches (PixArt, whose attention never does); both
+find the current model call in the ``CallSlot`` the APPLY_MODEL wrapper fills, and hand the
+call to ``route_attention``, which decides whether it is a compressible layer.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from .families import PIXART_MODULES, Geometry, UnsupportedModelError
-from .run import CALL_KEY, CallSlot, ModelCall
+from .families import OVERRIDE, Geometry, UnsupportedModelError
+from .run import ModelCall
+
+
+class CallSlot(threading.local):
+    """The current model call, filled by the APPLY_MODEL wrapper and read by the override and
+    the module patches: one per installed model, one value per thread (MultiGPU CFG Split runs
+    model calls in parallel threads)."""
+
+    def __init__(self) -> None:
+        self.current: ModelCall | None = None
+
+
+def route_attention(
+    call: ModelCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: int,
+    skip_reshape: bool,
+    skip_output_reshape: bool,
+    block: Mapping[str, Any],
+    unsupported: str | None,
+    dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    passthrough: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """One attention call of ``call``: to the run if it is image self-attention of one of the
+    family's compressible layers, else ``passthrough()`` (as the model makes it).
+
+    ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
+    (its transformer_options, or the patched module's own index)."""
+    seq_q = q.shape[2] if skip_reshape else q.shape[1]
+    seq_k = k.shape[2] if skip_reshape else k.shape[1]
+    if seq_q != seq_k or call.grid is None:
+        return passthrough()  # cross-attention, or a call we cannot place
+    ctx = call.context(seq_q)
+    if ctx is None:
+        return passthrough()  # text refiner
+    run, geometry = call.run, call.run.geometry
+    layer = geometry.layer_of(block, call.layers_seen)
+    call.layers_seen += 1
+    if layer is None:
+        run.report("block_type", f"{geometry.label} attention calls of block type "
+                   f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")
+        return passthrough()
+    if layer in call.layers_done:
+        # the same block again in this model call: extra self-attention inside a block
+        # (Wan VACE's control streams); only the block's own first call is its layer
+        run.report("repeat", f"{geometry.label} ran extra self-attention inside block {layer} "
+                   "(e.g. VACE control streams); those calls ran FULL")
+        return passthrough()
+    call.layers_done.add(layer)
+    if layer >= geometry.layers:
+        run.report("layers", f"the model ran more self-attention layers than the plan's "
+                   f"{geometry.layers}; the extra ones ran FULL")
+        return passthrough()
+    if unsupported is not None:
+        call.state.count("passthrough")
+        run.report(f"unsupported {unsupported}", f"attention calls with {unsupported} run as the model "
+                   "makes them (FULL): the window kernels cannot honour it")
+        return passthrough()
+    if call.step is None:
+        return passthrough()
+    if not skip_reshape and v.dim() == 4:  # SD3 passes v as (B, L, H, D)
+        v = v.reshape(v.shape[0], v.shape[1], -1)
+    return run.attention(call, layer, ctx, q, k, v, dense, passthrough, heads=heads, skip_reshape=skip_reshape,
+                         skip_output_reshape=skip_output_reshape)
 
 
 def _chain(previous: Callable | None, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -44,13 +115,13 @@ def unsupported_argument(kwargs: dict[str, Any], head_dim: int) -> str | None:
     return None
 
 
-def make_override(previous: Callable | None) -> Callable:
+def make_override(previous: Callable | None, slot: CallSlot) -> Callable:
     """An optimized_attention_override that compresses image self-attention and hands
     everything else, and every dense computation, to ``previous`` (or the backend)."""
 
     def fastattn_override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
-        call: ModelCall | None = options.get(CALL_KEY)
+        call = slot.current
         if call is None:
             return _chain(previous, func, args, kwargs)
         q, k, v = args[:3]
@@ -70,8 +141,8 @@ def make_override(previous: Callable | None) -> Callable:
             return _chain(previous, func, (qh, kh, vh, heads),
                           {**rest, "skip_reshape": True, "skip_output_reshape": True})
 
-        return call.attention(
-            q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+        return route_attention(
+            call, q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
             block=options, unsupported=unsupported, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
         )
 
@@ -93,6 +164,9 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
     model call, and masked calls, run the module's own forward."""
     from comfy.ldm.modules.attention import optimized_attention
 
+    if getattr(module, "sr_ratio", 1) > 1:
+        raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
+
     original = type(module).forward.__get__(module)
     heads = module.num_heads
     block = {"block_index": block_index}
@@ -112,8 +186,8 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
             qh, kh, vh = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
             return optimized_attention(qh, kh, vh, heads, mask=None, skip_reshape=True)
 
-        out = call.attention(
-            q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, block=block, unsupported=None,
+        out = route_attention(
+            call, q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, block=block, unsupported=None,
             dense=dense, passthrough=as_module_does,
         )
         return module.proj(out.view(b, n, c))
@@ -121,15 +195,18 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
     return forward
 
 
-def patch_pixart_attention(model: Any, geometry: Geometry, slot: CallSlot) -> None:
-    """Object-patch the self-attention of each of PixArt's blocks on ``model`` (a clone)."""
+MODULE_FORWARDS: dict[str, Callable[[torch.nn.Module, CallSlot, int], Callable]] = {
+    "AttentionKVCompress": make_pixart_self_attention,
+}
+"""The patched forward of each attention-module type a family attaches by (``ModulePatches``)."""
+
+
+def attach_modules(model: Any, geometry: Geometry, slot: CallSlot) -> None:
+    """Object-patch the attention module of each layer on ``model`` (a clone) where the family
+    attaches by module patches; families attached by the override get it per run instead."""
+    if geometry.attach == OVERRIDE:
+        return
+    make_forward = MODULE_FORWARDS[geometry.attach.module]
     for i in range(geometry.layers):
-        name = f"diffusion_model.blocks.{i}.attn"
-        module = model.get_model_object(name)
-        if getattr(module, "sr_ratio", 1) > 1:
-            raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
-        model.add_object_patch(f"{name}.forward", make_pixart_self_attention(module, slot, i))
-
-
-MODULE_PATCHERS: dict[str, Callable[[Any, Geometry, CallSlot], None]] = {PIXART_MODULES: patch_pixart_attention}
-"""How families attached by module patches are patched, by ``Family.attach``."""
+        name = geometry.attach.path.format(index=i)
+        model.add_object_patch(f"{name}.forward", make_forward(model.get_model_object(name), slot, i))

@@ -1,4 +1,9 @@
-"""Calibrate a plan inside ComfyUI: one sampling run with the user's own model and settings."""
+"""Calibrate a plan inside ComfyUI: one sampling run with the user's own model and settings.
+
+All ComfyUI-side calibration code: the request (a KSampler's inputs plus what calibration
+needs), its config and run, the CALC_COND_BATCH wrapper that drives the calibrator on every
+CFG branch at once, and ``calibrate`` itself.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,163 @@ from typing import Any
 
 import torch
 
-from ..calibrate import FAST, MODES, schedule_from_rows
+from ..calibrate import CALIBRATORS, FAST, MODES, Calibrator, Row, schedule_from_rows
+from ..context import CallContext
 from ..plan import Calibration, Plan
-from ..strategies import Strategy
+from ..state import RunState
+from ..steps import StepMapper
+from ..strategies import CANDIDATE_ORDER, Strategy
 from ..window import WindowSpec
-from .install import calibration_patch, model_geometry
-from .run import CalibrationSink
+from .families import Geometry
+from .install import install, model_geometry
+from .keys import RUN_KEY
+from .run import ModelCall, Run, check_window
+
+Progress = Callable[[int, int], None]
+"""Called with (forwards done, forwards in all) after each forward; may raise to cancel."""
+
+
+class CalibrationSink:
+    """Where a calibration run leaves its result for the node that started it. Shared, not
+    copied, when ComfyUI deep-copies model options."""
+
+    def __init__(self) -> None:
+        self.calibrator: Calibrator | None = None
+        self.sample_sigmas: list[float] | None = None
+        self.grid: tuple[int, ...] | None = None
+        self.stats: dict[str, int] = {}
+
+    def __deepcopy__(self, memo: dict) -> CalibrationSink:
+        return self
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibrate a plan during one sampling run."""
+
+    geometry: Geometry
+    mode: str
+    delta: float
+    candidates: tuple[Strategy, ...]
+    window: WindowSpec
+    sink: CalibrationSink
+    kernel: str = "auto"
+    on_trial: Callable[[], None] | None = None
+    """Called after each trial forward of the paper's search (progress, cancellation)."""
+
+    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> CalibrationRun:
+        if any(s.uses_window for s in self.candidates):
+            check_window(self.geometry, self.window, latent_shape, "choose another window in Calibrate FastAttn Plan")
+        sigmas = [float(s) for s in sample_sigmas.tolist()]
+        self.sink.sample_sigmas = sigmas
+        return CalibrationRun(self, StepMapper.for_run(sigmas, sigmas))
+
+    def make_calibrator(self, has_cfg: bool, miss_count: Callable[[], int]) -> Calibrator:
+        extra = dict(on_trial=self.on_trial, miss_count=miss_count) if self.mode != FAST else {}
+        return CALIBRATORS[self.mode](self.geometry.layers, self.delta, has_cfg, self.candidates, **extra)
+
+
+class CalibrationRun(Run):
+    """A sampling run that decides the plan: each step's row is chosen in CALC_COND_BATCH
+    (``calibrate_step``) before or while the step's writing forward runs."""
+
+    def __init__(self, config: CalibrationConfig, steps: StepMapper) -> None:
+        super().__init__(config.geometry, config.window, config.kernel, steps, RunState())
+        self.config = config
+        self.calibrator: Calibrator | None = None
+        self.row: Row | None = None
+        """The row the current forward runs; None in a forward where the calibrator chooses."""
+
+    def calibrator_for(self, has_cfg: bool) -> Calibrator:
+        """The run's calibrator, made at the first model call, when CFG is known."""
+        if self.calibrator is None:
+            self.calibrator = self.config.sink.calibrator = self.config.make_calibrator(
+                has_cfg, miss_count=lambda: self.state.misses)
+        return self.calibrator
+
+    def strategy(self, step: int, layer: int) -> Strategy:
+        return self.row[layer] if self.row is not None else Strategy.FULL
+
+    def attention(self, call: ModelCall, layer: int, ctx: CallContext, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, dense: Callable, passthrough: Callable[[], torch.Tensor],
+                  **layout: bool | int) -> torch.Tensor:
+        if self.row is None and self.calibrator is not None:
+            return self.calibrator.attention(q, k, v, layer, ctx, call.state, dense, **layout)
+        return super().attention(call, layer, ctx, q, k, v, dense, passthrough, **layout)
+
+    def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict,
+                   conds: dict | None = None) -> ModelCall:
+        call = super().begin_call(x, sigma, c_crossattn, options, conds)
+        if self.config.sink.grid is None and call.grid is not None:
+            self.config.sink.grid = call.grid
+        return call
+
+    def finish(self) -> dict[str, int]:
+        self.config.sink.stats = stats = super().finish()
+        self.row = None
+        return stats
+
+
+def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+    """Calibration runs here, on every CFG branch at once, so that losses are the paper's
+    whole-model output error whether ComfyUI batches cond and uncond or not: the calibrator
+    decides and runs a step at its first model call; later calls of a decided step (and
+    calls off the schedule) replay its row."""
+    run: CalibrationRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is None:
+        return executor(model, conds, x_in, timestep, model_options)
+    has_cfg = len(conds) > 1 and any(c is not None for c in conds[1:])
+    calibrator = run.calibrator_for(has_cfg)
+    step = run.steps.plan_step(float(timestep.reshape(-1)[0]))
+    decided = calibrator.decided(step) if step is not None else None
+    if step is None or decided is not None:
+        run.row = decided if decided is not None else [Strategy.FULL] * calibrator.layers
+        try:
+            return executor(model, conds, x_in, timestep, model_options)
+        finally:
+            run.row = None
+    written: list = []
+
+    def forward(row: Row | None, write: bool) -> torch.Tensor:
+        run.row = row
+        try:
+            if write:
+                outs = executor(model, conds, x_in, timestep, model_options)
+                written.append(outs)
+            else:
+                with run.state.read_only():
+                    outs = executor(model, conds, x_in, timestep, model_options)
+        finally:
+            run.row = None
+        return torch.cat([o.reshape(-1) for o in outs if o is not None])
+
+    calibrator.calibrate_step(step, forward)
+    return written[-1]
+
+
+def calibration_patch(
+    model: Any,
+    *,
+    mode: str,
+    delta: float,
+    candidates: tuple[Strategy, ...],
+    window: WindowSpec,
+    sink: CalibrationSink,
+    kernel: str = "auto",
+    on_trial: Callable[[], None] | None = None,
+    geometry: Geometry | None = None,
+) -> Any:
+    """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``
+    (``geometry``: the model's, when the caller has resolved it already)."""
+    import comfy.patcher_extension as ext
+
+    from ..kernels import usable_kernel
+
+    config = CalibrationConfig(
+        geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
+        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), on_trial=on_trial,
+    )
+    return install(model, config, {ext.WrappersMP.CALC_COND_BATCH: fastattn_calc_cond_batch})
 
 
 @dataclass(frozen=True)
@@ -29,7 +185,7 @@ class CalibrationRequest:
     denoise: float = 1.0
     delta: float = 0.1
     mode: str = FAST
-    candidates: tuple[Strategy, ...] = (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC)
+    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
     window: WindowSpec = WindowSpec()
     samples: int = 1
     kernel: str = "auto"
@@ -57,6 +213,12 @@ class CalibrationRequest:
         if not 0 <= self.start_step < min(self.steps, self.end_step):
             raise ValueError(f"start_at_step {self.start_step} leaves nothing to sample (steps {self.steps}, "
                              f"end_at_step {self.end_step}): choose a start below both")
+
+    def forwards(self, layers: int) -> int:
+        """Forwards the calibration runs (progress units): the paper's search makes a
+        reference and up to four trials per layer per step, fast mode about one per step."""
+        per_step = 4 * layers + 2 if self.mode != FAST else 1
+        return (min(self.steps, self.end_step) - self.start_step) * per_step
 
 
 @dataclass
@@ -110,13 +272,29 @@ def calibrate(
     negative: list,
     latent: dict,
     request: CalibrationRequest,
-    on_progress: Callable[[], None] | None = None,
-    callback: Callable[..., None] | None = None,
+    on_progress: Progress | None = None,
 ) -> CalibrationResult:
-    """Sample once with calibration on; returns the plan and the latent it produced."""
+    """Sample once with calibration on; returns the plan and the latent it produced.
+    ``on_progress`` is told the forwards done after each one, and may raise to cancel."""
     import comfy.sample
 
     geometry = model_geometry(model)
+    total = request.forwards(geometry.layers)
+    per_step = total // max(1, min(request.steps, request.end_step) - request.start_step)
+    done = 0
+
+    def on_trial() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(min(done, total), total)
+
+    def on_step(step: int, *args: Any) -> None:
+        nonlocal done
+        done = (step + 1) * per_step  # the sampler counts steps from the range's start
+        if on_progress is not None:
+            on_progress(min(done, total), total)
+
     extra_devices = getattr(model, "get_additional_models_with_key", lambda key: [])("multigpu")
     if extra_devices:
         raise ValueError("Calibrate FastAttn Plan measures one forward against another on one device: connect "
@@ -124,7 +302,7 @@ def calibrate(
     sink = CalibrationSink()
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,
-        window=request.window, sink=sink, kernel=request.kernel, on_progress=on_progress, geometry=geometry,
+        window=request.window, sink=sink, kernel=request.kernel, on_trial=on_trial, geometry=geometry,
     )
     if request.samples > 1 and latent.get("noise_mask") is not None:
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")
@@ -134,7 +312,7 @@ def calibrate(
         positive, negative, latent_image, denoise=request.denoise, disable_noise=not request.add_noise,
         start_step=request.start_step, last_step=request.end_step,
         force_full_denoise=not request.return_with_leftover_noise, noise_mask=latent.get("noise_mask"),
-        seed=request.seed, disable_pbar=True, callback=callback,
+        seed=request.seed, disable_pbar=True, callback=on_step,
     )
     if sink.calibrator is None or sink.sample_sigmas is None:
         raise RuntimeError("the sampler never called the model: nothing was calibrated")

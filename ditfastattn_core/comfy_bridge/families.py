@@ -39,9 +39,21 @@ IMAGE_ONLY = "image_only"
 
 OVERRIDE = "override"
 """Attached through ComfyUI's optimized_attention_override (attention sees transformer_options)."""
-PIXART_MODULES = "pixart_modules"
-"""Attached by object-patching PixArt's self-attention modules (their attention never sees
-transformer_options)."""
+
+
+@dataclass(frozen=True)
+class ModulePatches:
+    """Attached by object-patching each layer's attention module, for models whose attention
+    never sees transformer_options. ``module`` names the module type whose forward the pack
+    reproduces around the engine (``attention_hooks.MODULE_FORWARDS``)."""
+
+    path: str
+    """The module of layer ``index`` in the ModelPatcher, e.g. "diffusion_model.blocks.{index}.attn"."""
+    module: str
+
+
+PIXART_MODULES = ModulePatches("diffusion_model.blocks.{index}.attn", "AttentionKVCompress")
+"""PixArt's self-attention modules."""
 
 
 class UnsupportedModelError(ValueError):
@@ -199,7 +211,8 @@ class Family:
     joint_only: bool = False
     """Only joint text+image calls are layers (Lumina2: its image-only noise refiner always
     runs with a padding mask and stays untouched)."""
-    attach: str = OVERRIDE
+    attach: str | ModulePatches = OVERRIDE
+    """How the pack attaches: ``OVERRIDE`` or the ``ModulePatches`` to make."""
     config_classes: tuple[str, ...] = ()
     """Where one model class holds several families (Lumina 2 and Z-Image): the ComfyUI
     ``supported_models`` config classes this entry covers."""
@@ -254,7 +267,7 @@ class Geometry:
     order: str
     text_from_context: bool
     joint_only: bool
-    attach: str
+    attach: str | ModulePatches
     block_offsets: Mapping[str | None, int] = field(default_factory=dict)
     pad_multiple: int = 1
     keyed: bool = False

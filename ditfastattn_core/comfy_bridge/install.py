@@ -1,100 +1,50 @@
-"""Installing FastAttn on a ModelPatcher clone: apply a plan, or prepare a calibration run."""
+"""The one place the pack attaches to a model: a ModelPatcher clone with a config installed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-from ..kernels import usable_kernel
-from ..plan import Plan
-from ..steps import STRICT, StepMapper
-from ..strategies import Strategy
-from ..window import WindowSpec
-from .attention_hooks import MODULE_PATCHERS, is_ours, make_override
-from .families import OVERRIDE, Geometry, resolve
-from .run import (
-    CONFIG_KEY,
-    KEY,
-    OVERRIDE_KEY,
-    CalibrationConfig,
-    CalibrationSink,
-    CallSlot,
-    FastAttnConfig,
-    PlanMismatchError,
-)
-from .wrappers import fastattn_calc_cond_batch, fastattn_outer_sample, make_apply_model_wrapper
+import torch
+
+from .attention_hooks import CallSlot, attach_modules
+from .families import Geometry, resolve
+from .keys import CONFIG_KEY, KEY
+from .run import Run
+from .wrappers import make_apply_model_wrapper, make_outer_sample_wrapper
+
+
+class InstalledConfig(Protocol):
+    """What an install needs from an apply or a calibration config."""
+
+    geometry: Geometry
+
+    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> Run: ...
 
 
 def model_geometry(model: Any) -> Geometry:
-    """A ModelPatcher's family and attention geometry, detected once (before sampling)."""
+    """A ModelPatcher's family and attention geometry, detected once (before sampling) and
+    passed down from there."""
     return resolve(model.model)
 
 
-def check_plan(model: Any, plan: Plan) -> Geometry:
-    """The model's geometry, after checking that ``plan`` was made for this model."""
-    geometry = model_geometry(model)
-    if plan.family != geometry.family:
-        raise PlanMismatchError(
-            f"the plan is for a {plan.family} model but this is a {geometry.label} ({geometry.family}) model: "
-            "load the plan made for this model, or calibrate one with Calibrate FastAttn Plan"
-        )
-    if plan.layers != geometry.layers:
-        raise PlanMismatchError(
-            f"the plan has {plan.layers} attention layers but this {geometry.label} model has "
-            f"{geometry.layers}: it was calibrated on another model size; recalibrate for this model"
-        )
-    return geometry
+def install(model: Any, config: InstalledConfig, extra_wrappers: Mapping[str, Callable] | None = None) -> Any:
+    """A clone of ``model`` with ``config`` installed: module patches now where the family
+    attaches by them, the attention override per run (OUTER_SAMPLE), the keyed wrappers.
 
-
-def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
-    """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
-    StepMapper.for_run(plan.sigmas, plan.sigmas, step_mode)  # validates the mode
-    geometry = check_plan(model, plan)
-    kernel = usable_kernel(kernel, model.load_device)
-    config = FastAttnConfig(plan=plan, geometry=geometry, kernel=kernel, step_mode=step_mode)
-    return _install(model, config)
-
-
-def _install(model: Any, config: FastAttnConfig | CalibrationConfig) -> Any:
-    """A clone of ``model`` with ``config`` installed. On a model that already carries
-    FastAttn (two Apply nodes in a row, Calibrate after Apply), the new config replaces the
-    old one: attention goes through the pack once, other overrides stay chained."""
+    On a model that already carries FastAttn (two Apply nodes in a row, Calibrate after
+    Apply) the new config replaces the old one: attention goes through the pack once, other
+    overrides stay chained."""
     import comfy.patcher_extension as ext
 
     m = model.clone()
     for wrapper_type in (ext.WrappersMP.OUTER_SAMPLE, ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.CALC_COND_BATCH):
         m.remove_wrappers_with_key(wrapper_type, KEY)
-    options = m.model_options.setdefault("transformer_options", {})
-    options[CONFIG_KEY] = config
+    m.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = config
     slot = CallSlot()
-    if config.geometry.attach == OVERRIDE:
-        previous = options.get(OVERRIDE_KEY)
-        options[OVERRIDE_KEY] = make_override(previous.previous if is_ours(previous) else previous)
-    else:
-        MODULE_PATCHERS[config.geometry.attach](m, config.geometry, slot)
-    m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, fastattn_outer_sample)
+    attach_modules(m, config.geometry, slot)
+    m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, make_outer_sample_wrapper(slot))
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, KEY, make_apply_model_wrapper(slot))
-    if isinstance(config, CalibrationConfig):
-        m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, KEY, fastattn_calc_cond_batch)
+    for wrapper_type, wrapper in (extra_wrappers or {}).items():
+        m.add_wrapper_with_key(wrapper_type, KEY, wrapper)
     return m
-
-
-def calibration_patch(
-    model: Any,
-    *,
-    mode: str,
-    delta: float,
-    candidates: tuple[Strategy, ...],
-    window: WindowSpec,
-    sink: CalibrationSink,
-    kernel: str = "auto",
-    on_progress: Callable[[], None] | None = None,
-    geometry: Geometry | None = None,
-) -> Any:
-    """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``
-    (``geometry``: the model's, when the caller has resolved it already)."""
-    config = CalibrationConfig(
-        geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
-        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), on_progress=on_progress,
-    )
-    return _install(model, config)

@@ -91,11 +91,11 @@ def test_bad_requests_are_refused():
 
 
 def test_cancel_mid_calibration_leaves_no_state(tiny):
-    from ditfastattn_core.comfy_bridge.run import RUN_KEY
+    from ditfastattn_core.comfy_bridge.keys import RUN_KEY
 
     ticks = []
 
-    def cancel():
+    def cancel(done, total):
         ticks.append(1)
         if len(ticks) == 3:
             raise InterruptedError("cancelled")

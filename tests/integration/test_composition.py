@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ditfastattn_core.comfy_bridge import apply_fastattn
-from ditfastattn_core.comfy_bridge.run import FastAttnRun
+from ditfastattn_core.comfy_bridge.apply import ApplyRun
 
 from .test_apply import STEPS, plan_for, run_stats, sample, uniform
 from .tiny import flux, pixart
@@ -72,14 +72,14 @@ def test_override_set_after_ours_is_chained_not_lost(tiny, caplog):
 
 def test_caches_are_empty_after_the_run(tiny, monkeypatch):
     finished = []
-    original = FastAttnRun.finish
+    original = ApplyRun.finish
 
     def spy(self):
-        assert self.state.cache_bytes() > 0 or self.config.plan.schedule.counts()
+        assert self.state.cache_bytes() > 0 or self.plan.schedule.counts()
         original(self)
         finished.append(self.state.cache_bytes())
 
-    monkeypatch.setattr(FastAttnRun, "finish", spy)
+    monkeypatch.setattr(ApplyRun, "finish", spy)
     sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, ["F" * 3 if tiny.family == "pixart" else "F" * 4] + [
         ("T" if i % 2 else "W") * (3 if tiny.family == "pixart" else 4) for i in range(STEPS - 1)])))
     assert finished == [0]

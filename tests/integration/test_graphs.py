@@ -62,14 +62,14 @@ def plan_of(tiny, rows: list[str], sigmas=None, window: WindowSpec | None = None
 def record_steps(monkeypatch) -> list:
     """The plan step of every model call (None: unmapped)."""
     steps = []
-    original = bridge_run.FastAttnRun.begin_call
+    original = bridge_run.Run.begin_call
 
     def spy(self, *args):
         call = original(self, *args)
         steps.append(call.step)
         return call
 
-    monkeypatch.setattr(bridge_run.FastAttnRun, "begin_call", spy)
+    monkeypatch.setattr(bridge_run.Run, "begin_call", spy)
     return steps
 
 

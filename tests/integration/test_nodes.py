@@ -33,7 +33,8 @@ def test_calibrate_save_load_apply_sample(pack, plans_dir):
     latent = {"samples": tiny.latent}
     plan, out_latent, summary = pack["DiTFastAttn_Calibrate"].execute(
         tiny.patcher, tiny.positive, tiny.negative, latent, 0, 4, 3.0, "euler", "normal", 1.0,
-        0.2, "fast", True, True, True, True, "band 1/8 (paper)", 1, "auto",
+        0.2, "fast", window="band 1/8 (paper)", samples=1, window_kernel="auto",
+        use_ast=True, use_wa_rs_asc=True, use_wa_rs=True, use_asc=True,
     ).result
     assert "attention FLOPs" in summary and out_latent["samples"].shape == tiny.latent.shape
     saved = pack["DiTFastAttn_SavePlan"].execute(plan, "tiny flux", False)

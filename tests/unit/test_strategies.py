@@ -1,0 +1,74 @@
+"""The strategy table is self-consistent, and what derives from it follows it."""
+
+import pytest
+
+from ditfastattn_core import Cache, Compute, Schedule, Strategy
+from ditfastattn_core.calibrate import Availability
+from ditfastattn_core.strategies import CANDIDATE_ORDER, legend
+
+
+def test_letters_are_unique_and_never_aliased():
+    # an Enum silently turns a repeated value into an alias: a new row must bring a new letter
+    assert len(Strategy.__members__) == len(Strategy) == len({s.letter for s in Strategy})
+    assert all(len(s.letter) == 1 for s in Strategy)
+
+
+def test_plan_letters_keep_their_meaning():
+    # part of the plan file format: these must never change
+    assert {s.name: s.letter for s in Strategy} == {"FULL": "F", "WA_RS": "W", "ASC": "C", "WA_RS_ASC": "X", "AST": "T"}
+
+
+def test_every_sharing_strategy_has_a_form_without_sharing():
+    for s in Strategy:
+        base = s.without_cfg_sharing
+        assert not base.shares_cfg and base.compute is s.compute
+        assert base.cost(0.3, has_cfg=True) == s.cost(0.3, has_cfg=False)
+
+
+def test_candidates_are_ranked_once_and_full_is_the_fallback():
+    ranks = [s.candidate_rank for s in CANDIDATE_ORDER]
+    assert ranks == sorted(set(ranks))
+    assert Strategy.FULL not in CANDIDATE_ORDER and Strategy.FULL.candidate_rank is None
+    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC)
+
+
+def test_costs_follow_what_is_computed():
+    f = 0.2
+    assert [s.cost(f, True) for s in Strategy] == [1.0, f, 0.5, f / 2, 0.0]
+    assert Compute.REUSE.flops(f) == 0.0 and Compute.DENSE.flops(f) == 1.0
+
+
+def test_caches_read_and_written():
+    assert Strategy.FULL.refreshes_residual and not any(s.refreshes_residual for s in Strategy if s is not Strategy.FULL)
+    assert [s for s in Strategy if s.reads_previous_output] == [Strategy.AST]
+    assert all(Cache.OUTPUT in s.writes for s in Strategy)
+    # a sharing strategy computes, and so reads, the conditional residual only
+    assert Strategy.WA_RS_ASC.reads_residual(0) and not Strategy.WA_RS_ASC.reads_residual(1)
+    assert Strategy.WA_RS.reads_residual(0) and Strategy.WA_RS.reads_residual(1)
+
+
+@pytest.mark.parametrize("strategy,step,layer,expected", [
+    (Strategy.AST, 1, 0, True),       # step 0 was written
+    (Strategy.AST, 2, 0, False),      # step 1 was not
+    (Strategy.WA_RS, 1, 0, True),     # layer 0 had a FULL step
+    (Strategy.WA_RS, 1, 1, False),    # layer 1 never did: no residual
+    (Strategy.ASC, 1, 1, True),
+])
+def test_availability_derives_from_the_caches_a_strategy_reads(strategy, step, layer, expected):
+    available = Availability(layers=2, has_cfg=True)
+    available.written(0, [Strategy.FULL, Strategy.ASC])
+    assert available.valid(step, layer, strategy) is expected
+    assert not Availability(layers=2, has_cfg=False).valid(1, 0, Strategy.ASC), "no branch to share with"
+
+
+def test_schedule_lookahead_uses_the_table():
+    sched = Schedule.from_letters(["FF", "WT", "XF", "TW"])
+    assert sched.reads_residual_later(0, 0, 0) and sched.reads_residual_later(0, 0, 1)
+    assert sched.residual_source(3, 1) == 2
+    assert sched.next_is_ast(0, 1) and sched.next_is_ast(2, 0) and not sched.next_is_ast(1, 0)
+    assert Schedule.from_letters(["T"]).problems(), "AST at step 0 reads an output that cannot exist"
+
+
+def test_legend_is_the_table():
+    assert [(e["letter"], e["label"], e["colour"]) for e in legend()] == [(s.letter, s.label, s.colour) for s in Strategy]
+    assert len({e["colour"] for e in legend()}) == len(Strategy), "every strategy its own colour"
