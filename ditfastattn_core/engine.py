@@ -182,6 +182,8 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
                 residuals[i] = r
                 continue
             state.miss("residual_miss")
+        elif base.compute is not Compute.DENSE:
+            raise NotImplementedError(f"the engine has no computation for {base.compute}")
         dense_chunks.append(i)
 
     # 3. Compute, batching the rows that share an action.

@@ -16,18 +16,24 @@ from typing import NamedTuple
 
 
 class Compute(enum.Enum):
-    """What a strategy computes for the rows it does not copy from the conditional branch;
-    the value is its attention FLOPs given the window's key fraction (1.0 = dense)."""
+    """What a strategy computes for the rows it does not copy from the conditional branch,
+    with its attention FLOPs: ``fixed + per_window * window_fraction`` (1.0 = dense)."""
 
-    DENSE = "dense"
+    DENSE = ("dense", 1.0, 0.0)
     """Full attention."""
-    WINDOW = "window"
+    WINDOW = ("window", 0.0, 1.0)
     """Window attention plus the residual ``full - window`` cached at the layer's last FULL step."""
-    REUSE = "reuse"
+    REUSE = ("reuse", 0.0, 0.0)
     """The layer's output of the previous step; no attention at all."""
 
+    def __new__(cls, name: str, fixed: float, per_window: float) -> Compute:
+        member = object.__new__(cls)
+        member._value_ = name
+        member.fixed, member.per_window = fixed, per_window
+        return member
+
     def flops(self, window_fraction: float) -> float:
-        return {Compute.DENSE: 1.0, Compute.WINDOW: window_fraction, Compute.REUSE: 0.0}[self]
+        return self.fixed + self.per_window * window_fraction
 
 
 class Cache(enum.Enum):
