@@ -6,6 +6,8 @@ Per technique (every layer of step 1 uses it, after a FULL step 0):
 - attention latency % of FULL: the self-attention op alone (q, k, v -> output through the
   engine, CFG batch of 2, the kernel auto picks), median of repeats;
 - their ratio (1.00 = the technique is as efficient per FLOP as dense attention);
+- attention-module time % of the unpatched model's (PixArt's self-attention modules, QKV and
+  output projections included: where the pack owns the module, AST skips them too);
 - model-call time % of the unpatched model (the whole PixArt forward, CFG batch of 2);
 - cache memory per layer that the technique needs.
 Plus the hook's overhead: an all-FULL plan vs the unpatched model.
@@ -77,6 +79,11 @@ class TimedSampling:
 
     def call_times(self, model, seed: int) -> list[float]:
         """Seconds of each model call of one sampling run."""
+        return self.timed_run(model, seed)[0]
+
+    def timed_run(self, model, seed: int) -> tuple[list[float], list[float]]:
+        """Per model call of one sampling run: its seconds, and the seconds spent in the
+        self-attention modules (forward hooks on every block's ``attn``)."""
         import time
 
         import comfy.patcher_extension
@@ -84,37 +91,56 @@ class TimedSampling:
         import torch
 
         calls: list[float] = []
+        modules: list[float] = []
+        started: list[float] = []
 
         def timer(executor, *args, **kwargs):
+            modules.append(0.0)
             t0 = time.perf_counter()
             try:
                 return executor(*args, **kwargs)
             finally:
                 calls.append(time.perf_counter() - t0)
 
+        def enter(module, args):
+            started.append(time.perf_counter())
+
+        def leave(module, args, out):
+            modules[-1] += time.perf_counter() - started.pop()
+
+        blocks = self.base.model.diffusion_model.blocks
+        hooks = [h for b in blocks for h in (b.attn.register_forward_pre_hook(enter), b.attn.register_forward_hook(leave))]
         m = model.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bench_timer", timer)
         noise = torch.randn(self.latent.shape, generator=torch.Generator().manual_seed(seed))
-        comfy.sample.sample(m, noise, self.steps, 4.5, "euler", "normal", self.pos, self.neg, self.latent,
-                            seed=seed, disable_pbar=True)
-        return calls
+        try:
+            comfy.sample.sample(m, noise, self.steps, 4.5, "euler", "normal", self.pos, self.neg, self.latent,
+                                seed=seed, disable_pbar=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return calls, modules
 
 
 def model_call_times(latent_side: int, depth: int, repeats: int, window):
-    """Step 1's model call with every layer on one technique vs unpatched, paired per seed."""
+    """Step 1's model call and its attention modules with every layer on one technique vs
+    unpatched, paired per seed. Returns the unpatched call's median seconds and, per
+    technique, (model-call ratio, attention-module ratio)."""
     from ditfastattn_core import Strategy
 
     bench = TimedSampling(latent_side, depth, steps=2)
     result, plain_times = {}, []
     for name in TECHNIQUES:
         patched = bench.patched(["F", Strategy[name].letter], window)
-        bench.call_times(patched, 0)  # warm-up
-        ratios = []
+        bench.timed_run(patched, 0)  # warm-up
+        calls, modules = [], []
         for r in range(repeats):
-            plain = bench.call_times(bench.base, r)[1]
-            ratios.append(bench.call_times(patched, r)[1] / plain)
-            plain_times.append(plain)
-        result[name] = statistics.median(ratios)
+            plain_call, plain_modules = bench.timed_run(bench.base, r)
+            call, module = bench.timed_run(patched, r)
+            calls.append(call[1] / plain_call[1])
+            modules.append(module[1] / plain_modules[1])
+            plain_times.append(plain_call[1])
+        result[name] = (statistics.median(calls), statistics.median(modules))
     return statistics.median(plain_times), result
 
 
@@ -162,7 +188,8 @@ def main() -> None:
             plain, calls = model_call_times(size // 8, args.depth, args.model_repeats or args.repeats, window)
         print(f"\n{size}x{size}: {side * side} tokens, window fraction {frac:.3f}, dense attention "
               f"{full_t * 1e3:.0f} ms (CFG batch 2)")
-        head = f"{'technique':<11} {'attn FLOPs':>10} {'attn time':>10} {'time/FLOPs':>10} {'model call':>10} {'cache/layer':>12}"
+        head = (f"{'technique':<11} {'attn FLOPs':>10} {'attn time':>10} {'time/FLOPs':>10} {'attn module':>11} "
+                f"{'model call':>10} {'cache/layer':>12}")
         print(head)
         print("-" * len(head))
         for name in TECHNIQUES:
@@ -170,11 +197,12 @@ def main() -> None:
             flops = s.cost(frac, has_cfg=True)
             t = att[name][0]
             ratio = f"{t / flops:>10.2f}" if flops else f"{'-':>10}"
-            model = f"{calls[name]:>10.1%}" if calls else f"{'-':>10}"
+            model = f"{calls[name][0]:>10.1%}" if calls else f"{'-':>10}"
+            module = f"{calls[name][1]:>11.1%}" if calls else f"{'-':>11}"
             mem = att[name][1] / 2**20
-            print(f"{name:<11} {flops:>10.1%} {t:>10.1%} {ratio} {model} {mem:>9.1f} MiB")
+            print(f"{name:<11} {flops:>10.1%} {t:>10.1%} {ratio} {module} {model} {mem:>9.1f} MiB")
         if calls:
-            print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'] - 1:+.2%} "
+            print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'][0] - 1:+.2%} "
                   f"(unpatched call {plain:.2f} s)")
         if args.overhead_pairs:
             overhead, n = hook_overhead(size // 8, args.depth, args.overhead_pairs, 8, window)

@@ -43,6 +43,8 @@ class CallContext:
     tokens:         where the image tokens are and their grid (needed by window strategies).
     window:         the plan's window shape.
     kernel:         window kernel name, or "auto".
+    module_outputs: the caller keeps and reuses the attention module's whole output for AST
+                    (projections included), so the engine keeps no attention outputs.
     """
 
     step: int | None
@@ -50,6 +52,7 @@ class CallContext:
     tokens: TokenLayout | None = None
     window: WindowSpec = WindowSpec()
     kernel: str = "auto"
+    module_outputs: bool = False
 
     def __post_init__(self) -> None:
         if not self.cond_or_uncond:

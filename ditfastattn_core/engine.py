@@ -60,6 +60,11 @@ class _Call:
         self.whole: torch.Tensor | None = None
         """The output of a computation that covered every row, when there was one."""
 
+    def keeps_output(self) -> bool:
+        """Whether a later AST step reads this call's output (unless the caller keeps the
+        whole module's output instead)."""
+        return not self.ctx.module_outputs and self.state.keeps_output(self.step, self.layer)
+
     def key(self, c: Chunk) -> tuple[int, int, int]:
         return (self.layer, c.branch, c.occurrence)
 
@@ -133,7 +138,7 @@ def attend(
         out = call.dense(qh, kh, vh)
     else:
         out = _execute(call, strategy)
-        if skip_output_reshape and state.keeps_output(ctx.step, layer):
+        if skip_output_reshape and call.keeps_output():
             out = out.clone()  # the caller gets its own tensor; the cached one stays intact
     return from_heads(out, skip_output_reshape)
 
@@ -205,7 +210,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     if strategy.shares_cfg and all(c.branch == COND for c in chunks) and len(chunks) == 1:
         state.publish_cond(step, layer, call.out[0])
     for i, c in enumerate(chunks):
-        if state.keeps_output(step, layer):
+        if call.keeps_output():
             # a reused output is stored as the tensor it came from: no second copy
             state.put_output(step, call.key(c), reused.get(i, call.out[i]))
         state.count(_action(i, copy_from, window_chunks, dense_chunks))

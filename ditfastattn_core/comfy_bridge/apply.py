@@ -40,7 +40,7 @@ class ApplyRun(Run):
     def __init__(self, config: ApplyConfig, steps: StepMapper) -> None:
         plan = config.plan
         super().__init__(config.geometry, plan.window, config.kernel, steps, RunState(plan.schedule),
-                         plan_grid=plan.grid)
+                         plan_grid=plan.grid, module_outputs=True)
         self.plan = plan
 
     @classmethod

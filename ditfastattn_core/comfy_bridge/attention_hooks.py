@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..context import CallContext
 from .families import OVERRIDE, Geometry, UnsupportedModelError
 from .run import ModelCall
 
@@ -26,6 +27,48 @@ class CallSlot(threading.local):
 
     def __init__(self) -> None:
         self.current: ModelCall | None = None
+
+
+def place_call(
+    call: ModelCall, seq_q: int, seq_k: int, block: Mapping[str, Any], unsupported: str | None
+) -> tuple[int, CallContext] | None:
+    """The plan layer and engine context of an attention call of ``call``, or None where it
+    runs as the model makes it: not image self-attention, not one of the family's
+    compressible layers, an argument the engine cannot honour, or a step off the schedule.
+
+    ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
+    (its transformer_options, or the patched module's own index)."""
+    if seq_q != seq_k or call.grid is None:
+        return None  # cross-attention, or a call we cannot place
+    ctx = call.context(seq_q)
+    if ctx is None:
+        return None  # text refiner
+    run, geometry = call.run, call.run.geometry
+    layer = geometry.layer_of(block, call.layers_seen)
+    call.layers_seen += 1
+    if layer is None:
+        run.report("block_type", f"{geometry.label} attention calls of block type "
+                   f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")
+        return None
+    if layer in call.layers_done:
+        # the same block again in this model call: extra self-attention inside a block
+        # (Wan VACE's control streams); only the block's own first call is its layer
+        run.report("repeat", f"{geometry.label} ran extra self-attention inside block {layer} "
+                   "(e.g. VACE control streams); those calls ran FULL")
+        return None
+    call.layers_done.add(layer)
+    if layer >= geometry.layers:
+        run.report("layers", f"the model ran more self-attention layers than the plan's "
+                   f"{geometry.layers}; the extra ones ran FULL")
+        return None
+    if unsupported is not None:
+        call.state.count("passthrough")
+        run.report(f"unsupported {unsupported}", f"attention calls with {unsupported} run as the model "
+                   "makes them (FULL): the window kernels cannot honour it")
+        return None
+    if call.step is None:
+        return None
+    return layer, ctx
 
 
 def route_attention(
@@ -42,47 +85,18 @@ def route_attention(
     dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     passthrough: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """One attention call of ``call``: to the run if it is image self-attention of one of the
-    family's compressible layers, else ``passthrough()`` (as the model makes it).
-
-    ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
-    (its transformer_options, or the patched module's own index)."""
+    """One attention call of ``call``: to the run if ``place_call`` places it, else
+    ``passthrough()`` (as the model makes it)."""
     seq_q = q.shape[2] if skip_reshape else q.shape[1]
     seq_k = k.shape[2] if skip_reshape else k.shape[1]
-    if seq_q != seq_k or call.grid is None:
-        return passthrough()  # cross-attention, or a call we cannot place
-    ctx = call.context(seq_q)
-    if ctx is None:
-        return passthrough()  # text refiner
-    run, geometry = call.run, call.run.geometry
-    layer = geometry.layer_of(block, call.layers_seen)
-    call.layers_seen += 1
-    if layer is None:
-        run.report("block_type", f"{geometry.label} attention calls of block type "
-                   f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")
+    placed = place_call(call, seq_q, seq_k, block, unsupported)
+    if placed is None:
         return passthrough()
-    if layer in call.layers_done:
-        # the same block again in this model call: extra self-attention inside a block
-        # (Wan VACE's control streams); only the block's own first call is its layer
-        run.report("repeat", f"{geometry.label} ran extra self-attention inside block {layer} "
-                   "(e.g. VACE control streams); those calls ran FULL")
-        return passthrough()
-    call.layers_done.add(layer)
-    if layer >= geometry.layers:
-        run.report("layers", f"the model ran more self-attention layers than the plan's "
-                   f"{geometry.layers}; the extra ones ran FULL")
-        return passthrough()
-    if unsupported is not None:
-        call.state.count("passthrough")
-        run.report(f"unsupported {unsupported}", f"attention calls with {unsupported} run as the model "
-                   "makes them (FULL): the window kernels cannot honour it")
-        return passthrough()
-    if call.step is None:
-        return passthrough()
+    layer, ctx = placed
     if not skip_reshape and v.dim() == 4:  # SD3 passes v as (B, L, H, D)
         v = v.reshape(v.shape[0], v.shape[1], -1)
-    return run.attention(call, layer, ctx, q, k, v, dense, passthrough, heads=heads, skip_reshape=skip_reshape,
-                         skip_output_reshape=skip_output_reshape)
+    return call.run.attention(call, layer, ctx, q, k, v, dense, passthrough, heads=heads, skip_reshape=skip_reshape,
+                              skip_output_reshape=skip_output_reshape)
 
 
 def _chain(previous: Callable | None, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -161,12 +175,13 @@ def is_ours(override: Any) -> bool:
 def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_index: int) -> Callable:
     """Forward of PixArt's AttentionKVCompress (the sr_ratio == 1 path, the only one PixArt
     models use) with its attention op routed through the engine. Calls outside a FastAttn
-    model call, and masked calls, run the module's own forward."""
+    model call, masked calls and calls that are not a compressible layer run the module's own
+    forward. The pack owns the whole module here, so AST reuses the module's output: the
+    QKV and output projections are skipped too (``reused_module_output``)."""
     from comfy.ldm.modules.attention import optimized_attention
 
     if getattr(module, "sr_ratio", 1) > 1:
         raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
-
     original = type(module).forward.__get__(module)
     heads = module.num_heads
     block = {"block_index": block_index}
@@ -179,6 +194,13 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
         if call is None or mask is not None:
             return original(x, mask=mask, HW=HW, block_id=block_id)
         b, n, c = x.shape
+        placed = place_call(call, n, n, block, None)
+        if placed is None:
+            return original(x, mask=mask, HW=HW, block_id=block_id)
+        layer, ctx = placed
+        reused = reused_module_output(call, layer, ctx, torch.Size((b, n, c)))
+        if reused is not None:
+            return reused
         q, k, v = module.qkv(x).reshape(b, n, 3, c).unbind(2)
         q, k = module.q_norm(q), module.k_norm(k)
 
@@ -186,13 +208,39 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
             qh, kh, vh = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
             return optimized_attention(qh, kh, vh, heads, mask=None, skip_reshape=True)
 
-        out = route_attention(
-            call, q, k, v, heads=heads, skip_reshape=False, skip_output_reshape=False, block=block, unsupported=None,
-            dense=dense, passthrough=as_module_does,
-        )
-        return module.proj(out.view(b, n, c))
+        out = call.run.attention(call, layer, ctx, q, k, v, dense, as_module_does, heads=heads,
+                                 skip_reshape=False, skip_output_reshape=False)
+        return keep_module_output(call, layer, ctx, module.proj(out.view(b, n, c)))
 
     return forward
+
+
+def reused_module_output(call: ModelCall, layer: int, ctx: CallContext, shape: torch.Size) -> torch.Tensor | None:
+    """AST in a run that keeps module outputs: this layer's module output of the previous
+    step for every CFG chunk, else None (the engine then computes the layer and counts the
+    miss)."""
+    if not ctx.module_outputs or not call.run.strategy(call.step, layer).reads_previous_output:
+        return None
+    rows = ctx.chunks(shape[0])
+    outs = [call.state.previous_output(call.step, (layer, r.branch, r.occurrence), torch.Size((r.size, *shape[1:])))
+            for r in rows]
+    if any(o is None for o in outs):
+        return None
+    keep = call.state.keeps_output(call.step, layer)  # AST again at the next step
+    for r, o in zip(rows, outs, strict=True):
+        call.state.count("reuse")
+        if keep:
+            call.state.put_output(call.step, (layer, r.branch, r.occurrence), o)  # the same tensor, no copy
+    return outs[0].clone() if len(outs) == 1 else torch.cat(outs)
+
+
+def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch.Tensor) -> torch.Tensor:
+    """Keep the module output a later AST step reuses; the caller gets its own tensor."""
+    if not ctx.module_outputs or not call.state.keeps_output(call.step, layer):
+        return out
+    for r in ctx.chunks(out.shape[0]):
+        call.state.put_output(call.step, (layer, r.branch, r.occurrence), out[r.rows])
+    return out.clone()
 
 
 MODULE_FORWARDS: dict[str, Callable[[torch.nn.Module, CallSlot, int], Callable]] = {

@@ -23,7 +23,7 @@ from ..state import RunState
 from ..steps import StepMapper
 from ..strategies import COND, Strategy
 from ..window import TokenLayout, WindowSpec
-from .families import Geometry, UnplaceableCall
+from .families import OVERRIDE, Geometry, UnplaceableCall
 
 log = logging.getLogger("ditfastattn")
 
@@ -32,8 +32,10 @@ class Run:
     """Everything one sampling run owns; ``finish()`` frees it."""
 
     def __init__(self, geometry: Geometry, window: WindowSpec, kernel: str, steps: StepMapper, state: RunState,
-                 plan_grid: tuple[int, ...] | None = None) -> None:
+                 plan_grid: tuple[int, ...] | None = None, module_outputs: bool = False) -> None:
         self.geometry, self.window, self.kernel = geometry, window, kernel
+        self.module_outputs = module_outputs and geometry.attach != OVERRIDE
+        """AST reuses the whole attention module's output (where the pack owns the module)."""
         self.steps = steps
         self.state = state
         """The caches of the sampling device (the only ones, unless MultiGPU CFG Split runs)."""
@@ -153,7 +155,7 @@ class ModelCall:
             tokens = self.run.geometry.token_layout(seq_len, self.grid, self.text_len)
             self.contexts[seq_len] = None if tokens is None else CallContext(
                 step=self.step, cond_or_uncond=self.cond_or_uncond, tokens=tokens,
-                window=self.run.window, kernel=self.run.kernel,
+                window=self.run.window, kernel=self.run.kernel, module_outputs=self.run.module_outputs,
             )
         return self.contexts[seq_len]
 

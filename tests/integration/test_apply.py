@@ -181,3 +181,52 @@ def test_a_plan_for_other_settings_is_explained_once(tiny, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("token grid" in m for m in messages) == 1, messages
     assert sum("noise schedule differs" in m for m in messages) == 1, messages
+
+
+@pytest.mark.parametrize("separate_cfg", [False, True])
+def test_pixart_ast_reuses_the_whole_attention_module(separate_cfg, caplog):
+    """Where the pack owns the attention module (PixArt), AST reuses the module's output: the
+    QKV and output projections are skipped, and the output is exactly the previous step's."""
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    tiny = BUILDERS["pixart"]()
+    attn = tiny.patcher.model.diffusion_model.blocks[1].attn
+    outs, projections = [], []
+    hooks = [attn.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone())),
+             attn.qkv.register_forward_hook(lambda m, a, o: projections.append("qkv")),
+             attn.proj.register_forward_hook(lambda m, a, o: projections.append("proj"))]
+    try:
+        sample(tiny, apply_fastattn(tiny.patcher, plan_for(tiny, ["FFF", "TTT", "FFF", "TTT"])),
+               negative=tiny.negative_other_length if separate_cfg else None)
+    finally:
+        for h in hooks:
+            h.remove()
+    calls = 2 if separate_cfg else 1  # model calls per step
+    assert len(outs) == STEPS * calls
+    assert projections == ["qkv", "proj"] * (2 * calls), "projections run at the two FULL steps only"
+    for step in (1, 3):
+        for i in range(calls):
+            assert torch.equal(outs[step * calls + i], outs[(step - 1) * calls + i])
+    assert run_stats(caplog)["reuse"] == 2 * 3 * 2, "2 AST steps x 3 layers x 2 CFG chunks"
+
+
+def test_pixart_module_reuse_samples_what_attention_reuse_does(monkeypatch, caplog):
+    """Reusing the module output equals reusing the attention output and projecting it again
+    (the projection is the same linear map): the sample agrees to float rounding."""
+    from ditfastattn_core.comfy_bridge.run import Run
+
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    tiny = BUILDERS["pixart"]()
+    plan = plan_for(tiny, ["FFF", "TTF", "FTT", "TTT"])
+    by_module = sample(tiny, apply_fastattn(tiny.patcher, plan))
+    stats = run_stats(caplog)
+    assert stats["reuse"] == 7 * 2 and "ast_miss" not in stats, "every AST layer, twice AST in a row included"
+    original = Run.__init__
+
+    def attention_outputs_only(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "module_outputs": False})
+
+    monkeypatch.setattr(Run, "__init__", attention_outputs_only)
+    by_attention = sample(tiny, apply_fastattn(tiny.patcher, plan))
+    plain = sample(tiny)
+    torch.testing.assert_close(by_module, by_attention, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(by_module, plain, atol=1e-4), "the plan changed the sample"
