@@ -247,3 +247,16 @@ def test_sdpa_dense_honours_scale():
     torch.testing.assert_close(
         sdpa_dense(0.5)(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)
     )
+
+
+def test_a_caller_that_keeps_module_outputs_gets_no_attention_outputs_kept():
+    # PixArt's patched module keeps its whole output for AST; the engine must not keep a
+    # second, attention-level copy (memory), and keeps residuals as before
+    q, k, v = qkv()
+    for module_outputs, kept in ((False, 2), (True, 0)):
+        state = RunState(Schedule.from_letters(["F", "T"]))
+        attend(q, k, v, F, 0, ctx(0, (1, 0), module_outputs=module_outputs), state)
+        assert sum(len(per_step) for per_step in state.outputs.values()) == kept
+    state = RunState(Schedule.from_letters(["F", "W"]))
+    attend(q, k, v, F, 0, ctx(0, (1, 0), module_outputs=True), state)
+    assert len(state.residuals) == 2
