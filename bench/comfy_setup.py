@@ -1,27 +1,56 @@
-"""Shared set-up of the ComfyUI benchmarks: import ComfyUI from $COMFYUI_PATH on the CPU with
-PyTorch attention (the backend users get on GPUs), and build real architectures with random
-weights (attention cost does not depend on the values)."""
+"""Shared set-up of the ComfyUI benchmarks: import ComfyUI ($COMFYUI_PATH, or the ComfyUI the pack
+is installed in) on the CPU with PyTorch attention (the backend users get on GPUs), load the pack
+with ComfyUI's own custom-node loader, and build real architectures with random weights (attention
+cost does not depend on the values)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
-def import_comfy():
+def find_comfyui() -> Path:
+    """$COMFYUI_PATH, else the ComfyUI tree above the pack (it lives in <ComfyUI>/custom_nodes/<pack>):
+    above the script's path as given (a symlinked pack) or above the pack's real folder."""
     path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        sys.exit("set COMFYUI_PATH to a ComfyUI tree (with its requirements installed) to run this benchmark")
-    sys.path.insert(0, path)
+    if path:
+        return Path(path)
+    for start in (Path(os.path.abspath(sys.argv[0])), ROOT):
+        for parent in start.parents:
+            if (parent / "comfy").is_dir() and (parent / "nodes.py").is_file() and (parent / "main.py").is_file():
+                return parent
+    sys.exit("no ComfyUI found above the pack: set COMFYUI_PATH to a ComfyUI tree (with its requirements installed)")
+
+
+def import_comfy() -> Path:
+    """Make ComfyUI importable (CPU, PyTorch attention) and return its tree."""
+    path = find_comfyui()
+    sys.path.insert(0, str(path))
     from comfy.cli_args import args
 
     args.cpu = True
     args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
+
+    return path
+
+
+def load_pack() -> dict:
+    """The pack's node classes by id, loaded by ComfyUI's own custom-node loader."""
+    import nodes
+
+    link = Path(tempfile.mkdtemp()) / "comfyui-ditfastattn"
+    os.symlink(ROOT, link)
+    if not asyncio.run(nodes.load_custom_node(str(link))):
+        raise SystemExit("ComfyUI refused to load the pack")
+    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DiTFastAttn_")}
 
 
 def pixart_sigma_xl(depth: int):

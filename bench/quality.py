@@ -17,28 +17,13 @@ for accuracy and FD.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
-from comfy_setup import ROOT, import_comfy
+from comfy_setup import import_comfy, load_pack
 
 DELTAS = {"D1": 0.025, "D2": 0.05, "D3": 0.075, "D4": 0.1, "D5": 0.125, "D6": 0.15}
 WINDOWS = {"band": "band 1/8 (paper)", "2d": "2D box 1/8"}
-
-
-def load_pack() -> dict:
-    """The pack's node classes by id, loaded by ComfyUI's own custom-node loader."""
-    import nodes
-
-    link = Path(tempfile.mkdtemp()) / "comfyui-ditfastattn"
-    os.symlink(ROOT, link)
-    if not asyncio.run(nodes.load_custom_node(str(link))):
-        raise SystemExit("ComfyUI refused to load the pack")
-    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DiTFastAttn_")}
 
 
 def frechet_distance(a, b) -> float:

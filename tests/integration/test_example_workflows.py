@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 API = ROOT / "example_workflows" / "api"
-FAMILIES = ("pixart_sigma", "flux2_dev", "sd35_large", "qwen_image", "wan22_t2v_two_experts", "hunyuan_video_15")
+FAMILIES = ("pixart_sigma", "flux2_dev", "sd35_large", "qwen_image", "wan22_t2v_two_experts", "hunyuan_video_15",
+            "ditfastattn_demo")
+DEMO = "ditfastattn_demo"
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,29 @@ def test_every_family_has_its_examples():
     names = {p.stem for p in WORKFLOWS}
     for family in FAMILIES:
         assert any(n.startswith(family) and "apply_saved_plan" in n for n in names), family
-        if family != "wan22_t2v_two_experts":
-            assert f"{family}_calibrate_and_apply" in names
+        assert f"{family}_calibrate_and_apply" in names
+
+
+def test_demo_workflows_need_nothing_but_the_pack(pack):
+    """The demo workflows name only the pack's demo model and its shipped plan, so they run
+    offline on a fresh ComfyUI (tests/server runs them)."""
+    import folder_paths
+
+    from demo_model import DIT_FILE
+
+    demos = [p for p in WORKFLOWS if p.stem.startswith(DEMO)]
+    assert len(demos) == 2
+    for path in demos:
+        api = json.loads((API / path.name).read_text())
+        kinds = {n["class_type"] for n in api.values()}
+        assert {"DiTFastAttn_DemoClassConditioning", "DiTFastAttn_DemoLatentToImage", "DiTFastAttn_Apply"} <= kinds
+        for node in api.values():
+            if node["class_type"] == "UNETLoader":
+                assert node["inputs"]["unet_name"] == DIT_FILE.name
+                assert folder_paths.get_full_path("diffusion_models", DIT_FILE.name) == str(DIT_FILE)
+            if node["class_type"] == "DiTFastAttn_LoadPlan":
+                assert (ROOT / "plans" / node["inputs"]["plan_name"]).is_file()
+            assert node["class_type"] not in ("CLIPLoader", "VAELoader", "CheckpointLoaderSimple")
 
 
 def _widget_inputs(cls) -> list[str]:

@@ -10,8 +10,10 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.comfy_server import SAMPLING, ComfyServer, tiny_graph
 
@@ -154,15 +156,22 @@ def test_plan_for_another_model_is_refused(server, calibrated):
 
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+# The demo workflows name only what the pack ships (its demo model and plan): they run here.
+OFFLINE = [p for p in EXAMPLES if p.stem.startswith("ditfastattn_demo")]
+NEEDS_MODELS = [p for p in EXAMPLES if p not in OFFLINE]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_workflow_and_its_api_twin_are_valid_here(server, path):
-    """Every node type exists on this ComfyUI, and the API twin passes validation except for
-    the model files (and model-type options) this test server does not have."""
+def test_example_workflow_uses_only_node_types_this_comfyui_has(server, path):
     known = server.get("/object_info")
     ui = json.loads(path.read_text())
     assert sorted({n["type"] for n in ui["nodes"]} - set(known)) == []
+
+
+@pytest.mark.parametrize("path", NEEDS_MODELS, ids=[p.name for p in NEEDS_MODELS])
+def test_example_api_twin_is_valid_here_but_for_model_files(server, path):
+    """The API twin passes validation except for the model files (and model-type options) this
+    test server does not have."""
     status, answer = server.post_prompt(json.loads((path.parent / "api" / path.name).read_text()))
     assert status == 400, "the twin names models this server does not have"
     for node in answer["node_errors"].values():
@@ -173,6 +182,63 @@ def test_example_workflow_and_its_api_twin_are_valid_here(server, path):
             assert e["type"] == "value_not_in_list", e
             assert e["extra_info"]["input_name"] in {"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name",
                                                      "ckpt_name", "type", "plan_name"}, e
+
+
+def _run_example(server: ComfyServer, name: str) -> tuple[dict, dict]:
+    prompt = json.loads((EXAMPLES[0].parent / "api" / f"{name}.json").read_text())
+    entry = server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return prompt, entry
+
+
+def _images(server: ComfyServer, prompt: dict, entry: dict, prefix: str) -> list[np.ndarray]:
+    """The images the workflow's SaveImage with this filename prefix wrote, as arrays."""
+    (node,) = [k for k, n in prompt.items() if n["class_type"] == "SaveImage"
+               and n["inputs"]["filename_prefix"] == prefix]
+    return [np.asarray(Image.open(server.output_dir / i["subfolder"] / i["filename"]))
+            for i in entry["outputs"][node]["images"]]
+
+
+def _applied_strategies(prompt: dict, entry: dict) -> list[str]:
+    (node,) = [k for k, n in prompt.items() if n["class_type"] == "DiTFastAttn_Apply"]
+    return entry["outputs"][node]["ditfastattn_plan"][0]["strategies"]
+
+
+def _compressed_and_full(server: ComfyServer, prompt: dict, entry: dict) -> None:
+    """The FastAttn and FULL images exist, one per latent, and the plan changed them."""
+    fast = _images(server, prompt, entry, "ditfastattn_demo_fastattn")
+    full = _images(server, prompt, entry, "ditfastattn_demo_full")
+    assert len(fast) == len(full) == 4 and fast[0].shape == (64, 64, 3)
+    assert all(f.std() > 10 for f in full), "the demo model drew nothing"
+    differences = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(fast, full, strict=True)]
+    assert min(differences) > 0, f"the plan changed nothing: compression is not running ({differences})"
+
+
+def test_demo_example_workflows_run_offline(server):
+    """Apply a saved plan (the pack's shipped one), then calibrate -> save, then apply the saved
+    plan again: it now reads the plan just saved, which takes precedence over the shipped one."""
+    shipped = json.loads((EXAMPLES[0].parents[1] / "plans" / "ditfastattn_demo.json").read_text())
+    saved = server.plans_dir / "ditfastattn_demo.json"
+    saved.unlink(missing_ok=True)
+
+    prompt, entry = _run_example(server, "ditfastattn_demo_apply_saved_plan")
+    assert _applied_strategies(prompt, entry) == shipped["strategies"]
+    _compressed_and_full(server, prompt, entry)
+
+    prompt, entry = _run_example(server, "ditfastattn_demo_calibrate_and_apply")
+    assert saved.is_file() and stat.S_IMODE(saved.stat().st_mode) == 0o644
+    plan = json.loads(saved.read_text())
+    assert plan["model"] == {"family": "sd3", "layers": 2} and plan["sampling"]["steps"] == 20
+    assert _applied_strategies(prompt, entry) == plan["strategies"]
+    assert any(ch != "F" for row in plan["strategies"] for ch in row), "the plan compresses something"
+    assert len(_images(server, prompt, entry, "ditfastattn_demo_calibration")) == 4
+    _compressed_and_full(server, prompt, entry)
+
+    plan["strategies"] = ["F" * len(row) for row in plan["strategies"][:-1]] + plan["strategies"][-1:]
+    saved.write_text(json.dumps(plan))  # a plan the shipped one cannot be mistaken for
+    prompt, entry = _run_example(server, "ditfastattn_demo_apply_saved_plan")
+    assert _applied_strategies(prompt, entry) == plan["strategies"]
+    saved.unlink()
 
 
 def test_soak_memory_stays_flat(server, calibrated):
