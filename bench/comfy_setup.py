@@ -12,20 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def import_comfy():
+def import_comfy(device: str = "cpu"):
+    """``device``: "cpu", or "cuda" to let ComfyUI use its GPU (bench/gpu.py)."""
     path = os.environ.get("COMFYUI_PATH")
     if not path:
         sys.exit("set COMFYUI_PATH to a ComfyUI tree (with its requirements installed) to run this benchmark")
     sys.path.insert(0, path)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = device == "cpu"
     args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
 
 
 def pixart_sigma_xl(depth: int):
     """PixArt-Sigma-XL's width (1152 hidden, 16 heads x 72, T5 text) at reduced depth."""
+    import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     import torch
@@ -40,7 +42,8 @@ def pixart_sigma_xl(depth: int):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    load = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load, torch.device("cpu"))
 
 
 def text_cond(seed: int, tokens: int = 120, dim: int = 4096):

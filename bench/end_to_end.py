@@ -24,8 +24,9 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--mode", default="fast", choices=["fast", "paper"])
     ap.add_argument("--tile", type=int, default=256, help="window tile (0: the paper's exact band)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    import_comfy()
+    import_comfy(args.device)
     import comfy.sample
     import torch
 

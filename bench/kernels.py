@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import paired_ratio  # noqa: E402
+from timing import paired_ratio, synchronizer  # noqa: E402
 
 from ditfastattn_core.kernels import KERNELS  # noqa: E402
 from ditfastattn_core.kernels.blocked import block_layout_stats  # noqa: E402
@@ -83,6 +83,11 @@ def _windowed(kernel, window: Window, q, k, v) -> torch.Tensor:
     return kernel(q, k, v, window)
 
 
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+"""Max abs error vs the fp32 reference that a correct kernel stays within (unit-variance
+inputs): the low-precision kernels round q, k, v and their output."""
+
+
 class KernelMismatch(AssertionError):
     """A kernel's output is not the window attention it claims to compute."""
 
@@ -124,11 +129,14 @@ def format_row(r: Row) -> str:
 
 
 def bench_case(name: str, layout: TokenLayout, specs, *, repeats: int, dtype: torch.dtype, device: str,
-               flex_compiled: bool = False, print_row=print) -> list[Row]:
+               flex_compiled: bool = False, heads: int = HEADS, head_dim: int = HEAD_DIM,
+               check_tol: float | None = None, print_row=print) -> list[Row]:
+    """Time every kernel that can run each window against dense SDPA on the same q, k, v;
+    with ``check_tol``, first check each kernel against the reference (raises KernelMismatch)."""
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, layout.seq_len, HEAD_DIM, generator=g, device=device, dtype=dtype)
+    q, k, v = (torch.randn(1, heads, layout.seq_len, head_dim, generator=g, device=device, dtype=dtype)
                for _ in range(3))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
 
     def synced(fn):
         def run():
@@ -142,20 +150,23 @@ def bench_case(name: str, layout: TokenLayout, specs, *, repeats: int, dtype: to
     for label, spec in specs:
         w = spec.bind(layout)
         for kname, fn in kernels_for(w, q, flex_compiled):
-            t, dense_time = paired_ratio(synced(functools.partial(fn, q, k, v)), dense, repeats)
             extra = ""
+            if check_tol is not None:
+                extra = f" max err {check_exact(kname, fn, w, q, k, v, check_tol):.1e}"
+            t, dense_time = paired_ratio(synced(functools.partial(fn, q, k, v)), dense, repeats)
             if kname == "blocked":
                 stats = block_layout_stats(w)
-                extra = f" computed {stats['computed_fraction']:.3f}, {stats['sdpa_calls']} calls"
+                extra += f" computed {stats['computed_fraction']:.3f}, {stats['sdpa_calls']} calls"
             rows.append(Row(name, label, kname, w.fraction, t, dense_time * 1e3, extra))
             print_row(format_row(rows[-1]))
     return rows
 
 
-def preamble(device: str, dtype: torch.dtype, repeats: int) -> str:
+def preamble(device: str, dtype: torch.dtype, repeats: int, heads: int = HEADS, head_dim: int = HEAD_DIM) -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"torch {torch.__version__}, {device}, {dtype}, threads {torch.get_num_threads()}, load average {load}, "
-            f"{HEADS} heads x {HEAD_DIM}, median of {repeats} paired runs (dense, kernel, dense, kernel, ...)")
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"threads {torch.get_num_threads()}"
+    return (f"torch {torch.__version__}, {device} ({where}), {dtype}, load average {load}, "
+            f"{heads} heads x {head_dim}, median of {repeats} paired runs (dense, kernel, dense, kernel, ...)")
 
 
 def main() -> None:
@@ -166,6 +177,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--flex-compiled", action="store_true", help="also time torch.compile'd FlexAttention on CPU")
+    ap.add_argument("--check", action="store_true", help="check each kernel against the dense masked reference first")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     print(preamble(args.device, dtype, args.repeats))
@@ -173,7 +185,7 @@ def main() -> None:
     print("-" * len(HEADER))
     for name, layout, specs in cases(args.sizes, args.only):
         bench_case(name, layout, specs, repeats=args.repeats, dtype=dtype, device=args.device,
-                   flex_compiled=args.flex_compiled)
+                   flex_compiled=args.flex_compiled, check_tol=TOLERANCE[dtype] if args.check else None)
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
