@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from ..window import Window
 
 EXACT_TILE = {2: (4, 16), 3: (1, 8, 16)}
-"""Query tile of exact boxes per grid rank (capped by the grid). Measured on a 2-core CPU
-with bench/kernels.py at 4096 tokens: wider tiles waste more masked keys, narrower ones
-make the strips (copies of the keys) and the SDPA calls too small; about 16 columns and a
-few rows balance them."""
+"""Query tile of exact boxes per grid rank (capped by the grid). Wider tiles waste more
+masked keys in their padded boxes; narrower ones make more, smaller strips (copies of the
+keys) and SDPA calls. Picked from a few shapes timed at 4096 tokens on a shared 2-core CPU
+(2D: 2x16 to 16x16, 3D: 1x4x8 to 2x8x8); the differences between neighbours were within
+that machine's noise, the tiles an order of magnitude off were clearly slower."""
 
 
 def lse_attention_op():
