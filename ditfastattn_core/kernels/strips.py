@@ -1,4 +1,4 @@
-"""2D and 3D windows on CPU: one masked SDPA call per key strip, without per-tile gathers.
+"""2D and 3D boxes on CPU: one masked SDPA call per key strip, without per-tile gathers.
 
 Gathering each query tile's key box (what ``blocked`` does elsewhere) copies every key about
 as many times as there are tiles that see it; on a CPU that copy costs as much as the
@@ -87,7 +87,12 @@ class _StripLayout:
 
 
 def strips_usable(window: Window, device_type: str) -> bool:
-    return window.spec.dims >= 2 and device_type == "cpu" and lse_attention_op() is not None
+    """Exact 2D/3D boxes and block-aligned 3D boxes on CPU. A block-aligned 2D window keeps
+    the gathered-tile route: its single SDPA call measured faster than the strips' many
+    (8x8 tiles at 4096 tokens, head to head: 3.5 vs 4.5 time/FLOPs)."""
+    if device_type != "cpu" or lse_attention_op() is None:
+        return False
+    return window.spec.dims == 3 or (window.spec.dims == 2 and window.spec.exact)
 
 
 def _query_tile(window: Window) -> tuple[int, ...]:

@@ -153,12 +153,15 @@ def test_boxes_on_cpu_take_the_strip_route_and_tiled_ones_waste_nothing(monkeypa
     calls = []
     real = strips.strip_attention
     monkeypatch.setattr(blocked, "strip_attention", lambda *a: calls.append(a[3].spec) or real(*a))
-    for case in ("2d", "2d-tiled-ragged", "3d-ragged-text", "3d-tiled-ragged"):
+    for case, strip_route in (("2d", True), ("2d-tiled-ragged", False), ("3d-ragged-text", True),
+                              ("3d-tiled-ragged", True)):
+        calls.clear()
         spec, layout = CASES[case]
         w = spec.bind(layout)
         q, k, v = _qkv(layout, torch.float32, batch=1, heads=2)
         torch.testing.assert_close(KERNELS["blocked"](q, k, v, w), KERNELS["reference"](q, k, v, w), atol=2e-5, rtol=2e-5)
-        assert calls[-1] == spec, case
+        assert calls == ([spec] if strip_route else []), case
+        assert strips.strips_usable(w, "cpu") == strip_route and not strips.strips_usable(w, "cuda"), case
         stats = block_layout_stats(w)
         if not spec.exact and layout.grid[-1] % spec.tile[-1] == 0 and layout.grid[-2] % spec.tile[-2] == 0:
             assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"]), case
