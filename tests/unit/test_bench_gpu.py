@@ -58,7 +58,7 @@ def test_the_gpu_check_runs_every_kernel_it_would_time(kernels_bench, monkeypatc
     # on CPU only blocked can run: every preset gets checked once, and a wrong one stops it
     gpu = importlib.import_module("gpu")
     lines = []
-    assert gpu.check_all("cpu", torch.float32, heads=1, head_dim=8, print_line=lines.append) == len(PRESETS)
+    assert gpu.check_all("cpu", torch.float32, heads=1, head_dim=8, print_line=lines.append) == 2 * len(PRESETS)
     wrong = KERNELS["blocked"].__class__("blocked", lambda q, k, v, window, scale: q, lambda: True,
                                          KERNELS["blocked"].unsupported)
     monkeypatch.setitem(KERNELS, "blocked", wrong)
