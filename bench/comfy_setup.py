@@ -29,13 +29,14 @@ def find_comfyui() -> Path:
     sys.exit("no ComfyUI found above the pack: set COMFYUI_PATH to a ComfyUI tree (with its requirements installed)")
 
 
-def import_comfy() -> Path:
-    """Make ComfyUI importable (CPU, PyTorch attention) and return its tree."""
+def import_comfy(device: str = "cpu") -> Path:
+    """Make ComfyUI importable (PyTorch attention) and return its tree. ``device``: "cpu",
+    or "cuda" to let ComfyUI use its GPU (bench/gpu.py)."""
     path = find_comfyui()
     sys.path.insert(0, str(path))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = device == "cpu"
     args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
 
@@ -55,6 +56,7 @@ def load_pack() -> dict:
 
 def pixart_sigma_xl(depth: int):
     """PixArt-Sigma-XL's width (1152 hidden, 16 heads x 72, T5 text) at reduced depth."""
+    import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
     import torch
@@ -69,7 +71,8 @@ def pixart_sigma_xl(depth: int):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    load = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load, torch.device("cpu"))
 
 
 def text_cond(seed: int, tokens: int = 120, dim: int = 4096):

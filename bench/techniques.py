@@ -22,21 +22,24 @@ import functools
 import statistics
 
 from comfy_setup import import_comfy, pixart_sigma_xl, text_cond
-from timing import paired_ratio
+from timing import paired_ratio, synchronizer
 
 TECHNIQUES = ["FULL", "ASC", "WA_RS", "WA_RS_ASC", "AST"]
 
 
 def attention_latency(n_side: int, repeats: int, window):
     """Per technique: (latency relative to FULL, paired; cache bytes), and FULL's time."""
+    import comfy.model_management
     import torch
     import torch.nn.functional as F
 
     from ditfastattn_core import CallContext, RunState, Schedule, Strategy, TokenLayout, attend
 
+    device = comfy.model_management.get_torch_device()
+    sync = synchronizer(device)
     tokens = TokenLayout.image_only((n_side, n_side))
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 16, tokens.seq_len, 72, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 16, tokens.seq_len, 72, generator=g).to(device) for _ in range(3))
     dense = F.scaled_dot_product_attention
     step1, memory = {}, {}
     for name in TECHNIQUES:
@@ -45,13 +48,20 @@ def attention_latency(n_side: int, repeats: int, window):
         attend(q, k, v, Strategy.FULL, 0, CallContext(0, (1, 0), tokens, window), state, dense=dense)
         memory[name] = state.cache_bytes()
         state.frozen = True  # time step 1 repeatedly on the same caches
-        step1[name] = functools.partial(attend, q, k, v, s, 0, CallContext(1, (1, 0), tokens, window), state,
-                                        dense=dense)
+        step1[name] = _then(functools.partial(attend, q, k, v, s, 0, CallContext(1, (1, 0), tokens, window),
+                                              state, dense=dense), sync)
     out, full_time = {}, None
     for name in TECHNIQUES:
         ratio, full_time = paired_ratio(step1[name], step1["FULL"], repeats)
         out[name] = (ratio, memory[name])
     return out, window.bind(tokens).fraction, full_time
+
+
+def _then(fn, sync):
+    def run():
+        fn()
+        sync()
+    return run
 
 
 class TimedSampling:
@@ -93,19 +103,24 @@ class TimedSampling:
         calls: list[float] = []
         modules: list[float] = []
         started: list[float] = []
+        sync = synchronizer(model.load_device)
 
         def timer(executor, *args, **kwargs):
             modules.append(0.0)
             t0 = time.perf_counter()
             try:
-                return executor(*args, **kwargs)
+                out = executor(*args, **kwargs)
+                sync()
+                return out
             finally:
                 calls.append(time.perf_counter() - t0)
 
         def enter(module, args):
+            sync()
             started.append(time.perf_counter())
 
         def leave(module, args, out):
+            sync()
             modules[-1] += time.perf_counter() - started.pop()
 
         blocks = self.base.model.diffusion_model.blocks
@@ -171,14 +186,15 @@ def main() -> None:
         default=0,
         help="also measure the all-FULL hook overhead over this many pairs of 8-step runs",
     )
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    import_comfy()
+    import_comfy(args.device)
     import torch
 
     from ditfastattn_core import Strategy, WindowSpec
 
     window = WindowSpec(tile=(args.tile,)) if args.tile else WindowSpec()
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, PixArt-Sigma-XL width, depth "
+    print(f"torch {torch.__version__}, {args.device}, CPU threads {torch.get_num_threads()}, PixArt-Sigma-XL width, depth "
           f"{args.depth}, window {window}, median of {args.repeats}")
     for size in args.sizes:
         side = size // 16  # latent = size/8, patch 2

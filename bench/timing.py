@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+
+
+def synchronizer(device) -> Callable[[], None]:
+    """What makes a timer see the end of the work queued on ``device`` (CUDA is asynchronous)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:

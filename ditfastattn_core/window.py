@@ -124,6 +124,17 @@ class WindowSpec:
         return cls(dims=dims, extent=tuple(extent), tile=tuple(tile))
 
 
+PRESETS: dict[str, WindowSpec] = {
+    "band 1/8 (paper)": WindowSpec(),
+    "band 1/8, 256-token tiles (fast on CPU)": WindowSpec(tile=(256,)),
+    "2D box 1/8": WindowSpec(dims=2, extent=(0.125, 0.125)),
+    "2D box 1/8, 8x8 tiles": WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)),
+    "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
+    "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
+}
+"""The windows Calibrate offers by name; the kernel benchmark times exactly these."""
+
+
 def _fold_grid(grid: tuple[int, ...], dims: int) -> tuple[int, ...]:
     """The grid the window works on: 1D flattens; a 2D window on a video grid needs T == 1."""
     if dims == 1:

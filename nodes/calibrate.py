@@ -11,17 +11,9 @@ from ..ditfastattn_core.calibrate import FAST, MODES
 from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.strategies import CANDIDATE_ORDER
-from ..ditfastattn_core.window import WindowSpec
+from ..ditfastattn_core.window import PRESETS as WINDOWS
 from .types import Plan, plan_ui
 
-WINDOWS = {
-    "band 1/8 (paper)": WindowSpec(),
-    "band 1/8, 256-token tiles (fast on CPU)": WindowSpec(tile=(256,)),
-    "2D box 1/8": WindowSpec(dims=2, extent=(0.125, 0.125)),
-    "2D box 1/8, 8x8 tiles": WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)),
-    "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
-    "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
-}
 CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
 """One switch per calibration candidate, from the strategy table, in try order."""
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..window import Window
+from .strips import lse_attention_op, strip_attention, strip_stats, strips_usable
 
 EXACT_CHUNK_1D = 256
 """Query block of the exact 1D band: 256 keeps SDPA efficient while the masked share
@@ -151,11 +152,6 @@ def _build_layout(window: Window, device: str) -> _BlockLayout:
     )
 
 
-def _lse_attention_op():
-    """The CPU flash kernel that also returns the log-sum-exp, if this torch has it."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
 @dataclass(frozen=True)
 class _Part:
     """Keys [k0, k1) seen by rows [r0, r1) of a query chunk. ``causal``: row j sees key c
@@ -184,7 +180,7 @@ def _tile_keys(window: Window) -> int:
 
 def _split_chunk(window: Window, device_type: str) -> int | None:
     """Query rows per chunk of the split band for this call, or None to use masked blocks."""
-    if window.spec.dims != 1 or device_type != "cpu" or _lse_attention_op() is None:
+    if window.spec.dims != 1 or device_type != "cpu" or lse_attention_op() is None:
         return None
     if window.spec.exact:
         # a chunk wider than the radius would leave no key that all its queries see
@@ -255,7 +251,7 @@ def _split_band_attention(
     chunk: int,
 ) -> torch.Tensor:
     chunks = _split_band_parts(window, chunk)
-    op = _lse_attention_op()
+    op = lse_attention_op()
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     for a, z in _global_ranges(window):
         out[:, :, a:z] = F.scaled_dot_product_attention(q[:, :, a:z], k, v, scale=scale)
@@ -293,6 +289,8 @@ def blocked_window_attention(
     chunk = _split_chunk(window, q.device.type)
     if chunk is not None:
         return _split_band_attention(q, k, v, window, scale, chunk)
+    if strips_usable(window, q.device.type):
+        return strip_attention(q, k, v, window, scale)
     plan = _build_layout(window, str(q.device))
     dv = v.shape[-1]
     out = q.new_empty(b, h, seq, dv)
@@ -336,6 +334,8 @@ def block_layout_stats(window: Window) -> dict[str, float]:
             "window_fraction": window.fraction,
             "sdpa_calls": len(parts) + len(_global_ranges(window)),
         }
+    if strips_usable(window, "cpu"):
+        return strip_stats(window)
     plan = _build_layout(window, "cpu")
     computed = sum(s.nq * s.nk for s in plan.slabs)
     computed += sum(g.count * g.nq * g.nk for g in plan.groups)

@@ -18,6 +18,11 @@ CASES = {
     "2d-tiled-arrow": (WindowSpec(dims=2, extent=(0.25, 0.3), tile=(3, 4)), TokenLayout(seq_len=5 + 12 * 9 + 3, image_start=5, grid=(12, 9))),
     "3d": (WindowSpec(dims=3, extent=(0.3, 0.25, 0.25)), TokenLayout.image_only((4, 6, 5))),
     "3d-tiled-arrow": (WindowSpec(dims=3, extent=(0.3, 0.25, 0.25), tile=(1, 2, 2)), TokenLayout(seq_len=8 + 5 * 6 * 5, image_start=8, grid=(5, 6, 5))),
+    # several strips and tiles, ragged on every axis, text on both sides of the image
+    "2d-ragged-text-both-sides": (WindowSpec(dims=2, extent=(0.2, 0.15)), TokenLayout(seq_len=7 + 19 * 37 + 4, image_start=7, grid=(19, 37))),
+    "2d-tiled-ragged": (WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)), TokenLayout(seq_len=21 * 30 + 6, image_start=0, grid=(21, 30))),
+    "3d-ragged-text": (WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)), TokenLayout(seq_len=5 + 3 * 11 * 35, image_start=5, grid=(3, 11, 35))),
+    "3d-tiled-ragged": (WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)), TokenLayout.image_only((5, 12, 19))),
 }
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -140,6 +145,39 @@ def test_wide_bands_on_cpu_take_the_split_route(monkeypatch):
         if expected:
             stats = block_layout_stats(w)
             assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"]), "no masked work"
+
+
+def test_boxes_on_cpu_take_the_strip_route_and_tiled_ones_waste_nothing(monkeypatch):
+    from ditfastattn_core.kernels import strips
+
+    calls = []
+    real = strips.strip_attention
+    monkeypatch.setattr(blocked, "strip_attention", lambda *a: calls.append(a[3].spec) or real(*a))
+    for case, strip_route in (("2d", True), ("2d-tiled-ragged", False), ("3d-ragged-text", True),
+                              ("3d-tiled-ragged", True)):
+        calls.clear()
+        spec, layout = CASES[case]
+        w = spec.bind(layout)
+        q, k, v = _qkv(layout, torch.float32, batch=1, heads=2)
+        torch.testing.assert_close(KERNELS["blocked"](q, k, v, w), KERNELS["reference"](q, k, v, w), atol=2e-5, rtol=2e-5)
+        assert calls == ([spec] if strip_route else []), case
+        assert strips.strips_usable(w, "cpu") == strip_route and not strips.strips_usable(w, "cuda"), case
+        stats = block_layout_stats(w)
+        if not spec.exact and layout.grid[-1] % spec.tile[-1] == 0 and layout.grid[-2] % spec.tile[-2] == 0:
+            assert stats["computed_fraction"] == pytest.approx(stats["window_fraction"]), case
+        assert stats["computed_fraction"] >= stats["window_fraction"], case
+
+
+def test_strip_route_masks_what_it_should():
+    # a huge value in a key just outside a 2D box, and in the zero padding's neighbour, must not leak
+    layout = TokenLayout.image_only((16, 24))
+    w = WindowSpec(dims=2, extent=(0.125, 0.125)).bind(layout)  # radius (2, 3)
+    q, k = torch.zeros(1, 1, layout.seq_len, 4), torch.zeros(1, 1, layout.seq_len, 4)
+    v = torch.zeros(1, 1, layout.seq_len, 4)
+    v[0, 0, 5 * 24 + 10] = 1000.0  # (5, 10)
+    out = KERNELS["blocked"](q, k, v, w)[0, 0].abs().amax(-1).view(16, 24)
+    seen = out > 0
+    assert seen[3:8, 7:14].all() and seen.sum() == 5 * 7
 
 
 def test_wrong_sequence_length_raises():
