@@ -269,8 +269,10 @@ class GuidedCalibrator(FastCalibrator):
     ``cfg - 1``, so a loss on the two branches side by side (the paper's) undercounts ASC's
     error by that factor (5x at cfg 6) and spends the budget on it; and the learned scale of
     fast mode, steered step by step towards whole-output loss = delta, swings between steps
-    and spends the budget unevenly. On the demo model this halves the final error of paper
-    mode at equal attention FLOPs, at about one generation's cost (README, Demo model)."""
+    and spends the budget unevenly. On the demo model this about halves the final error of
+    paper mode at equal attention FLOPs, at about one generation's cost (README, Demo model).
+    When ComfyUI runs the two branches in separate model calls (low memory), a layer decides
+    in the conditional call on that branch alone and the unconditional call follows it."""
 
     guidance: float = 1.0
     """The sampler's CFG scale."""
