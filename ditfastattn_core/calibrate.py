@@ -272,7 +272,7 @@ class GuidedCalibrator(FastCalibrator):
     and spends the budget unevenly. On the demo model this about halves the final error of
     paper mode at equal attention FLOPs, at about one generation's cost (README, Demo model).
     When ComfyUI runs the two branches in separate model calls (low memory), a layer decides
-    in the conditional call on that branch alone and the unconditional call follows it."""
+    in the first of them on that branch alone, and the other call follows the decision."""
 
     guidance: float = 1.0
     """The sampler's CFG scale."""
