@@ -11,6 +11,7 @@
    repeats; the load average is printed, as the machine may be shared).
 
     COMFYUI_PATH=~/comfyui python bench/calibration_quality.py [--samples 256] [--levels D2 D4 D6]
+        [--parts 1 2 3] [--cost-repeats 3]
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ def main() -> None:
     ap.add_argument("--window", choices=list(WINDOWS), default="band")
     ap.add_argument("--tolerance", type=float, default=0.02, help="FLOPs match, as a fraction of FULL")
     ap.add_argument("--cost-repeats", type=int, default=3)
+    ap.add_argument("--parts", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3])
     args = ap.parse_args()
     ev = DemoEval(window=args.window)
     import torch
 
-    import nodes
-    from demo_model.comfy_io import empty_latent
-    from demo_model.conditioning import NULL, class_conditioning
     from ditfastattn_core import relative_l1
 
     labels = [i % 10 for i in range(args.samples)]
-    full = ev.generate(ev.model, labels)
+    full = ev.generate(ev.model, labels) if {1, 2} & set(args.parts) else None
     errors: dict = {}
 
     def calibrate(mode: str, delta: float):
@@ -58,11 +57,20 @@ def main() -> None:
     print(f"demo model, {args.samples} samples (seeds 0..{(args.samples - 1) // ev.batch} x {ev.batch}), "
           f"{ev.steps} {ev.sampler} steps, cfg {ev.cfg}; window {ev.window}; calibration on 10 latents (one per "
           f"class), seed {ev.calibration_seed}; torch {torch.__version__}, {torch.get_num_threads()} thread\n")
+    paper_plans = {level: calibrate("paper", DELTAS[level]) for level in args.levels} if full is not None else {}
+    if 1 in args.parts:
+        equal_flops(args, paper_plans, calibrate, error)
+    if 2 in args.parts:
+        equal_delta(args, paper_plans, calibrate, error)
+    if 3 in args.parts:
+        cost(args, ev, calibrate)
+
+
+def equal_flops(args, paper_plans: dict, calibrate, error) -> None:
     print("1. Equal attention FLOPs (paper mode's at each level)")
     print(f"{'level':<6} {'mode':<7} {'delta':>7} {'FLOPs':>7} {'rel L1':>7} {'vs paper':>8}  plan")
-    paper_plans = {}
     for level in args.levels:
-        paper = paper_plans[level] = calibrate("paper", DELTAS[level])
+        paper = paper_plans[level]
         p_err = error(paper)
         print(f"{level:<6} {'paper':<7} {DELTAS[level]:>7.4f} {flops(paper):>7.1%} {p_err:>7.4f} {1:>8.2f}  "
               f"{' '.join(paper.schedule.to_letters())}", flush=True)
@@ -72,6 +80,9 @@ def main() -> None:
             print(f"{'':<6} {mode:<7} {delta:>7.4f} {flops(plan):>7.1%} {err:>7.4f} {err / p_err:>8.2f}  "
                   f"{' '.join(plan.schedule.to_letters())}", flush=True)
 
+
+
+def equal_delta(args, paper_plans: dict, calibrate, error) -> None:
     print("\n2. Equal delta: agreement with paper mode's choices")
     print(f"{'level':<6} {'mode':<7} {'agree':>6} {'FLOPs':>7} {'rel L1':>7}")
     for level in args.levels:
@@ -83,6 +94,12 @@ def main() -> None:
                      for a, b in zip(ra, rb, strict=True)]
             agree = sum(a is b for a, b in cells) / len(cells)
             print(f"{'':<6} {mode:<7} {agree:>6.0%} {flops(plan):>7.1%} {error(plan):>7.4f}", flush=True)
+
+
+def cost(args, ev: DemoEval, calibrate) -> None:
+    import nodes
+    from demo_model.comfy_io import empty_latent
+    from demo_model.conditioning import NULL, class_conditioning
 
     print("\n3. Calibration cost in plain generations of the calibration batch (delta D4)")
     times: dict[str, list[float]] = {m: [] for m in ("plain", *MODES)}
