@@ -11,7 +11,7 @@ symmetry error (the data's long-range structure; 0 for real images), with 95% bo
 for accuracy and FD.
 
     COMFYUI_PATH=~/comfyui python bench/quality.py [--samples 256] [--deltas 0.025 0.05 ...]
-        [--modes paper fast] [--windows band 2d]
+        [--modes paper fast guided] [--windows band 2d]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import math
 import time
 
 from comfy_setup import import_comfy, load_pack
+
+from ditfastattn_core.calibrate import MODES
 
 DELTAS = {"D1": 0.025, "D2": 0.05, "D3": 0.075, "D4": 0.1, "D5": 0.125, "D6": 0.15}
 WINDOWS = {"band": "band 1/8 (paper)", "2d": "2D box 1/8"}
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="evaluation samples (classes in turn)")
     ap.add_argument("--batch", type=int, default=64, help="samples per KSampler run (seed = its index)")
     ap.add_argument("--deltas", nargs="+", choices=list(DELTAS), default=list(DELTAS))
-    ap.add_argument("--modes", nargs="+", choices=["paper", "fast"], default=["paper", "fast"])
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--windows", nargs="+", choices=list(WINDOWS), default=list(WINDOWS))
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--resamples", type=int, default=500, help="bootstrap resamples")

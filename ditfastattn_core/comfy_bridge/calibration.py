@@ -7,6 +7,7 @@ CFG branch at once, and ``calibrate`` itself.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..calibrate import CALIBRATORS, FAST, MODES, Calibrator, Row, schedule_from_rows
+from ..calibrate import CALIBRATORS, GUIDED, MODES, PAPER, Calibrator, Row, schedule_from_rows
 from ..context import CallContext
 from ..plan import Calibration, Plan
 from ..state import RunState
@@ -55,6 +56,8 @@ class CalibrationConfig:
     window: WindowSpec
     sink: CalibrationSink
     kernel: str = "auto"
+    cfg: float = 1.0
+    """The sampler's CFG scale (calibrators that measure the guided prediction use it)."""
     on_trial: Callable[[], None] | None = None
     """Called after each trial forward of the paper's search (progress, cancellation)."""
 
@@ -66,8 +69,12 @@ class CalibrationConfig:
         return CalibrationRun(self, StepMapper.for_run(sigmas, sigmas))
 
     def make_calibrator(self, has_cfg: bool, miss_count: Callable[[], int]) -> Calibrator:
-        extra = dict(on_trial=self.on_trial, miss_count=miss_count) if self.mode != FAST else {}
-        return CALIBRATORS[self.mode](self.geometry.layers, self.delta, has_cfg, self.candidates, **extra)
+        """The mode's calibrator, given whichever of the run's facts it takes."""
+        cls = CALIBRATORS[self.mode]
+        offered = dict(on_trial=self.on_trial, miss_count=miss_count, guidance=self.cfg)
+        takes = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in offered.items() if k in takes}
+        return cls(self.geometry.layers, self.delta, has_cfg, self.candidates, **extra)
 
 
 class CalibrationRun(Run):
@@ -157,6 +164,7 @@ def calibration_patch(
     window: WindowSpec,
     sink: CalibrationSink,
     kernel: str = "auto",
+    cfg: float = 1.0,
     on_trial: Callable[[], None] | None = None,
     geometry: Geometry | None = None,
 ) -> Any:
@@ -168,7 +176,7 @@ def calibration_patch(
 
     config = CalibrationConfig(
         geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
-        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), on_trial=on_trial,
+        window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), cfg=cfg, on_trial=on_trial,
     )
     return install(model, config, {ext.WrappersMP.CALC_COND_BATCH: fastattn_calc_cond_batch})
 
@@ -184,7 +192,7 @@ class CalibrationRequest:
     scheduler: str
     denoise: float = 1.0
     delta: float = 0.1
-    mode: str = FAST
+    mode: str = GUIDED
     candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
     window: WindowSpec = WindowSpec()
     samples: int = 1
@@ -216,8 +224,8 @@ class CalibrationRequest:
 
     def forwards(self, layers: int) -> int:
         """Forwards the calibration runs (progress units): the paper's search makes a
-        reference and up to four trials per layer per step, fast mode about one per step."""
-        per_step = 4 * layers + 2 if self.mode != FAST else 1
+        reference and up to four trials per layer per step, the others about one per step."""
+        per_step = 4 * layers + 2 if self.mode == PAPER else 1
         return (min(self.steps, self.end_step) - self.start_step) * per_step
 
 
@@ -302,7 +310,8 @@ def calibrate(
     sink = CalibrationSink()
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,
-        window=request.window, sink=sink, kernel=request.kernel, on_trial=on_trial, geometry=geometry,
+        window=request.window, sink=sink, kernel=request.kernel, cfg=request.cfg, on_trial=on_trial,
+        geometry=geometry,
     )
     if request.samples > 1 and latent.get("noise_mask") is not None:
         raise ValueError("samples > 1 with an inpainting mask is not supported: use samples = 1")

@@ -1,4 +1,4 @@
-"""Calibrate FastAttn Plan in real ComfyUI, both modes, on tiny models."""
+"""Calibrate FastAttn Plan in real ComfyUI, every mode, on tiny models."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(tiny, **kw):
     return calibrate(tiny.patcher, tiny.positive, tiny.negative, {"samples": tiny.latent}, req)
 
 
-@pytest.mark.parametrize("mode", ["paper", "fast"])
+@pytest.mark.parametrize("mode", ["paper", "fast", "guided"])
 def test_huge_delta_compresses_everything_tiny_delta_nothing(tiny, mode):
     loose = run(tiny, mode=mode, delta=100.0)
     assert loose.plan.schedule[0] == (Strategy.FULL,) * loose.plan.layers
@@ -35,7 +35,7 @@ def test_huge_delta_compresses_everything_tiny_delta_nothing(tiny, mode):
         strict.plan.schedule.to_letters())
 
 
-@pytest.mark.parametrize("mode", ["paper", "fast"])
+@pytest.mark.parametrize("mode", ["paper", "fast", "guided"])
 def test_calibrated_plan_reproduces_the_calibration_run(tiny, mode):
     """The latent calibration returns is the compressed trajectory: applying the plan it made
     to the same inputs gives the same result."""

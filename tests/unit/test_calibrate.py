@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from ditfastattn_core import CallContext, RunState, Strategy, TokenLayout
-from ditfastattn_core.calibrate import FastCalibrator, PaperCalibrator, budget, schedule_from_rows
+from ditfastattn_core.calibrate import (
+    FastCalibrator,
+    GuidedCalibrator,
+    PaperCalibrator,
+    budget,
+    guided_rows,
+    schedule_from_rows,
+)
 
 F, W, C, X, T = Strategy.FULL, Strategy.WA_RS, Strategy.ASC, Strategy.WA_RS_ASC, Strategy.AST
 
@@ -146,3 +153,75 @@ def test_fast_mode_decides_once_per_step_and_layer():
     first = list(cal.rows[1])
     cal.attention(q, k, v, 0, CallContext(step=1, cond_or_uncond=(1,), tokens=LAYOUT), state, dense=dense)
     assert cal.rows[1] == first, "the uncond call of the same step follows the cond call's choice"
+
+
+# --- guided mode ----------------------------------------------------------------------------
+
+DENSE = torch.nn.functional.scaled_dot_product_attention
+
+
+def _branch_constant_qkv(cond_value, uncond_value):
+    """Batch rows (uncond, cond), as ComfyUI's cond_or_uncond (1, 0): with a value that is the
+    same for every token, attention returns that value whatever q and k are, so every output
+    below is known by hand."""
+    q, k, _ = _qkv(3)
+    v = torch.empty(2, 2, 64, 8)
+    v[0], v[1] = uncond_value, cond_value
+    return q, k, v
+
+
+def test_guided_rows_combine_the_branches_as_the_sampler_does():
+    ctx = CallContext(step=1, cond_or_uncond=(1, 0), tokens=LAYOUT)
+    out = torch.stack([torch.full((3,), 0.5), torch.full((3,), 2.0)])  # rows: uncond, cond
+    # uncond + 6 * (cond - uncond) = 0.5 + 6 * 1.5
+    torch.testing.assert_close(guided_rows(out, ctx, 6.0), torch.full((1, 3), 9.5))
+    assert guided_rows(out, ctx, 1.0) is out, "cfg 1: the branches as they are"
+    single = CallContext(step=1, cond_or_uncond=(0,), tokens=LAYOUT)
+    torch.testing.assert_close(guided_rows(out[:1], single, 6.0), out[:1])
+
+
+def _choose(cal, q, k, v, step=1):
+    state = RunState()
+    for s in range(step + 1):
+        cal.begin_step(s)
+        cal.attention(q, k, v, 0, CallContext(step=s, cond_or_uncond=(1, 0), tokens=LAYOUT), state, dense=DENSE)
+        cal.end_step(s)
+    return cal.rows[step][0], cal.errors[(step, 0)]
+
+
+def test_guided_mode_counts_asc_error_as_the_sampler_sees_it():
+    # cond attention 1.0, uncond 0.5. ASC gives the uncond rows 1.0.
+    # Guided at cfg 6: reference 0.5 + 6 * 0.5 = 3.5; ASC 1.0 + 6 * 0 = 1.0;
+    #   relative squared error (2.5 / 3.5)^2 = 0.5102.
+    # Side by side (fast mode, relative L1 per element): cond rows 0, uncond |0.5 - 1| / 1 = 0.5;
+    #   mean 0.25. With delta 0.4 fast mode takes ASC, guided mode keeps FULL.
+    q, k, v = _branch_constant_qkv(1.0, 0.5)
+    guided = GuidedCalibrator(layers=1, delta=0.4, has_cfg=True, candidates=(C,), guidance=6.0)
+    choice, _ = _choose(guided, q, k, v)
+    assert choice is F
+    fast = FastCalibrator(layers=1, delta=0.4, has_cfg=True, candidates=(C,))
+    choice, err = _choose(fast, q, k, v)
+    assert choice is C and err == pytest.approx(0.25, abs=1e-5)
+    loose = GuidedCalibrator(layers=1, delta=0.52, has_cfg=True, candidates=(C,), guidance=6.0)
+    choice, err = _choose(loose, q, k, v)
+    assert choice is C and err == pytest.approx((2.5 / 3.5) ** 2, abs=1e-5)
+    # Without guidance (cfg 1) the branches count side by side: 0.5^2 / (1^2 + 0.5^2) = 0.2.
+    plain = GuidedCalibrator(layers=1, delta=0.21, has_cfg=True, candidates=(C,), guidance=1.0)
+    choice, err = _choose(plain, q, k, v)
+    assert choice is C and err == pytest.approx(0.2, abs=1e-5)
+
+
+def test_guided_mode_runs_one_writing_forward_per_step_and_no_reference():
+    calls = []
+
+    def forward(row, write):
+        calls.append((row, write))
+        return torch.ones(4)
+
+    cal = GuidedCalibrator(layers=2, delta=0.1, has_cfg=True, guidance=6.0)
+    for step in range(3):
+        cal.calibrate_step(step, forward)
+        assert cal.decided(step) is not None
+    assert calls == [(None, True)] * 3, "the layers choose inside the step's one forward"
+    assert cal.losses[0] == 0.0 and all(cal.losses[s] != cal.losses[s] for s in (1, 2)), "not measured: NaN"
+    assert cal.scale == 1.0
