@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .kernels import WindowKernel, select_kernel
+from .state import Key
 from .strategies import COND, UNCOND
 from .window import TokenLayout, Window, WindowSpec
 
@@ -21,9 +22,9 @@ class Chunk:
     occurrence: int
     rows: slice
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.branch, self.occurrence)
+    def cache_key(self, layer: int) -> Key:
+        """Where this chunk's caches of ``layer`` live in the run's ``RunState``."""
+        return (layer, self.branch, self.occurrence)
 
     @property
     def size(self) -> int:
@@ -53,6 +54,8 @@ class CallContext:
     window: WindowSpec = WindowSpec()
     kernel: str = "auto"
     module_outputs: bool = False
+    _kernels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """The window kernel chosen per (device, dtype, head dim)."""
 
     def __post_init__(self) -> None:
         if not self.cond_or_uncond:
@@ -76,10 +79,6 @@ class CallContext:
         if kernel is None:
             kernel = self._kernels[key] = select_kernel(self.bound_window, q, self.kernel)
         return kernel
-
-    @functools.cached_property
-    def _kernels(self) -> dict:
-        return {}
 
     def chunks(self, batch: int) -> list[Chunk]:
         n = len(self.cond_or_uncond)

@@ -65,9 +65,6 @@ class _Call:
         whole module's output instead)."""
         return not self.ctx.module_outputs and self.state.keeps_output(self.step, self.layer)
 
-    def key(self, c: Chunk) -> tuple[int, int, int]:
-        return (self.layer, c.branch, c.occurrence)
-
     def shape(self, c: Chunk) -> torch.Size:
         return torch.Size((c.size, *self.q.shape[1:3], self.v.shape[-1]))
 
@@ -174,14 +171,14 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         if i in copy_from:
             continue
         if base.compute is Compute.REUSE:
-            prev = state.previous_output(step, call.key(c), call.shape(c))
+            prev = state.previous_output(step, c.cache_key(layer), call.shape(c))
             if prev is not None:
                 reused[i] = prev
                 call.out[i] = prev.clone()
                 continue
             state.miss("ast_miss")
         elif base.compute is Compute.WINDOW:
-            r = state.residual(step, call.key(c), call.shape(c))
+            r = state.residual(step, c.cache_key(layer), call.shape(c))
             if r is not None:
                 window_chunks.append(i)
                 residuals[i] = r
@@ -198,7 +195,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         i for i in dense_chunks if state.keeps_residual(step, layer, chunks[i].branch)
     ]
     for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn, result=False), strict=True):
-        state.put_residual(step, call.key(chunks[i]), call.out[i] - w)
+        state.put_residual(step, chunks[i].cache_key(layer), call.out[i] - w)
     for i, w in zip(window_chunks, call.run([chunks[i] for i in window_chunks], call.window_fn), strict=True):
         # w is the kernel's fresh output: add in place, unless autograd may be recording
         # (it refuses in-place writes on the split views it tracks)
@@ -212,7 +209,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     for i, c in enumerate(chunks):
         if call.keeps_output():
             # a reused output is stored as the tensor it came from: no second copy
-            state.put_output(step, call.key(c), reused.get(i, call.out[i]))
+            state.put_output(step, c.cache_key(layer), reused.get(i, call.out[i]))
         state.count(_action(i, copy_from, window_chunks, dense_chunks))
     return call.assemble()
 

@@ -222,15 +222,14 @@ def reused_module_output(call: ModelCall, layer: int, ctx: CallContext, shape: t
     if not ctx.module_outputs or not call.run.strategy(call.step, layer).reads_previous_output:
         return None
     rows = ctx.chunks(shape[0])
-    outs = [call.state.previous_output(call.step, (layer, r.branch, r.occurrence), torch.Size((r.size, *shape[1:])))
-            for r in rows]
+    outs = [call.state.previous_output(call.step, r.cache_key(layer), torch.Size((r.size, *shape[1:]))) for r in rows]
     if any(o is None for o in outs):
         return None
     keep = call.state.keeps_output(call.step, layer)  # AST again at the next step
     for r, o in zip(rows, outs, strict=True):
         call.state.count("reuse")
         if keep:
-            call.state.put_output(call.step, (layer, r.branch, r.occurrence), o)  # the same tensor, no copy
+            call.state.put_output(call.step, r.cache_key(layer), o)  # the same tensor, no copy
     return outs[0].clone() if len(outs) == 1 else torch.cat(outs)
 
 
@@ -239,7 +238,7 @@ def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch
     if not ctx.module_outputs or not call.state.keeps_output(call.step, layer):
         return out
     for r in ctx.chunks(out.shape[0]):
-        call.state.put_output(call.step, (layer, r.branch, r.occurrence), out[r.rows])
+        call.state.put_output(call.step, r.cache_key(layer), out[r.rows])
     return out.clone()
 
 

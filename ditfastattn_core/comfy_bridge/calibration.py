@@ -222,11 +222,15 @@ class CalibrationRequest:
             raise ValueError(f"start_at_step {self.start_step} leaves nothing to sample (steps {self.steps}, "
                              f"end_at_step {self.end_step}): choose a start below both")
 
-    def forwards(self, layers: int) -> int:
-        """Forwards the calibration runs (progress units): the paper's search makes a
-        reference and up to four trials per layer per step, the others about one per step."""
-        per_step = 4 * layers + 2 if self.mode == PAPER else 1
-        return (min(self.steps, self.end_step) - self.start_step) * per_step
+    def forwards_per_step(self, layers: int) -> int:
+        """Forwards per calibrated step (progress units): the paper's search makes a reference
+        and up to four trials per layer, the others about one."""
+        return 4 * layers + 2 if self.mode == PAPER else 1
+
+    @property
+    def sampled_steps(self) -> int:
+        """The steps this request samples (KSamplerAdvanced's range)."""
+        return min(self.steps, self.end_step) - self.start_step
 
 
 @dataclass
@@ -287,21 +291,21 @@ def calibrate(
     import comfy.sample
 
     geometry = model_geometry(model)
-    total = request.forwards(geometry.layers)
-    per_step = total // max(1, min(request.steps, request.end_step) - request.start_step)
+    per_step = request.forwards_per_step(geometry.layers)
+    total = request.sampled_steps * per_step
     done = 0
 
-    def on_trial() -> None:
+    def report(forwards: int) -> None:
         nonlocal done
-        done += 1
+        done = forwards
         if on_progress is not None:
             on_progress(min(done, total), total)
 
+    def on_trial() -> None:
+        report(done + 1)
+
     def on_step(step: int, *args: Any) -> None:
-        nonlocal done
-        done = (step + 1) * per_step  # the sampler counts steps from the range's start
-        if on_progress is not None:
-            on_progress(min(done, total), total)
+        report((step + 1) * per_step)  # the sampler counts steps from the range's start
 
     extra_devices = getattr(model, "get_additional_models_with_key", lambda key: [])("multigpu")
     if extra_devices:
