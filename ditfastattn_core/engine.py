@@ -166,14 +166,14 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
 
     # 2. What each remaining chunk computes (the strategy's ``Compute``): the cached output,
     #    window + residual, or dense; a missing cache falls back to dense.
-    dense_chunks, window_chunks, residuals, reused = [], [], {}, {}
+    dense_chunks, window_chunks, residuals, reused = [], [], {}, set()
     for i, c in enumerate(chunks):
         if i in copy_from:
             continue
         if base.compute is Compute.REUSE:
             prev = state.previous_output(step, c.cache_key(layer), call.shape(c))
             if prev is not None:
-                reused[i] = prev
+                reused.add(i)
                 call.out[i] = prev.clone()
                 continue
             state.miss("ast_miss")
@@ -206,12 +206,26 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     # 4. Publish for a separate unconditional call, keep outputs a later AST step reads.
     if strategy.shares_cfg and all(c.branch == COND for c in chunks) and len(chunks) == 1:
         state.publish_cond(step, layer, call.out[0])
-    for i, c in enumerate(chunks):
-        if call.keeps_output():
-            # a reused output is stored as the tensor it came from: no second copy
-            state.put_output(step, c.cache_key(layer), reused.get(i, call.out[i]))
+    if call.keeps_output():
+        _keep_outputs(call, copy_from, reused)
+    for i in range(len(chunks)):
         state.count(_action(i, copy_from, window_chunks, dense_chunks))
     return call.assemble()
+
+
+def _keep_outputs(call: _Call, copy_from: dict[int, Chunk | torch.Tensor], reused: set[int]) -> None:
+    """Keep each chunk's output for the next step's AST, each tensor once: a reused output
+    stays the previous step's entry, a copied unconditional output is the conditional's."""
+    state, step, layer, chunks = call.state, call.step, call.layer, call.chunks
+    for i, c in enumerate(chunks):
+        if i in reused:
+            state.carry_output(step, c.cache_key(layer))
+        elif i not in copy_from:
+            state.put_output(step, c.cache_key(layer), call.out[i])
+    for i, src in copy_from.items():
+        source = src.cache_key(layer) if isinstance(src, Chunk) else (layer, COND, 0)  # a separate cond call's
+        if not state.alias_output(step, chunks[i].cache_key(layer), source):
+            state.put_output(step, chunks[i].cache_key(layer), call.out[i])
 
 
 def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:

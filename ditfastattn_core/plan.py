@@ -9,7 +9,7 @@ names the offending field. A plan is small: one letter per layer per step.
       "model": {"family": "pixart_sigma", "layers": 28},
       "sampling": {"steps": 20, "sigmas": [...21 floats...], "sampler": "euler",
                    "scheduler": "normal", "cfg": 4.5, "denoise": 1.0},
-      "tokens": {"grid": [128, 128]},
+      "tokens": {"grid": [128, 128], "sequence": 16684, "width": 1152},
       "window": {"dims": 1, "extent": [0.125], "tile": []},
       "calibration": {"mode": "paper", "delta": 0.1, "samples": 1},
       "summary": {"attention_flops": 0.61},
@@ -24,9 +24,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from .cache_memory import AttentionSize, CacheEstimate, estimate_cache_memory
 from .calibrate import MODES
 from .cost import CostSummary, summarize
 from .schedule import Schedule
+from .state import CachePlacement
 from .version import __version__
 from .window import TokenLayout, WindowSpec
 
@@ -63,6 +67,9 @@ class Plan:
     cfg: float = 1.0
     denoise: float = 1.0
     grid: tuple[int, ...] | None = None
+    attention: AttentionSize | None = None
+    """The compressible attention calls' size at ``grid``, seen during calibration (unknown
+    in plans written by hand): what the cache memory estimate needs."""
     window: WindowSpec = field(default_factory=WindowSpec)
     calibration: Calibration = field(default_factory=Calibration)
     pack_version: str = __version__
@@ -97,6 +104,21 @@ class Plan:
         fraction = self.window.bind(TokenLayout.image_only(tuple(grid))).fraction
         return summarize(self.schedule, fraction, self.has_cfg)
 
+    def cache_estimate(
+        self,
+        grid: tuple[int, ...] | None = None,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float16,
+        placement: CachePlacement = CachePlacement.DEVICE,
+    ) -> CacheEstimate | None:
+        """Peak cache memory of sampling ``batch`` latents at ``grid`` (default: the
+        calibration grid) with this plan; None where the plan does not know its attention size."""
+        if self.attention is None or self.grid is None:
+            return None
+        grid = tuple(grid or self.grid)
+        return estimate_cache_memory(self.schedule, self.attention.at_grid(self.grid, grid), batch=batch,
+                                     cfg=self.has_cfg, dtype=dtype, placement=placement)
+
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         summary = {"attention_flops": round(self.cost().attention_flops, 6)} if self.grid else {}
@@ -113,7 +135,10 @@ class Plan:
                 "cfg": self.cfg,
                 "denoise": self.denoise,
             },
-            "tokens": {"grid": list(self.grid) if self.grid else None},
+            "tokens": {
+                "grid": list(self.grid) if self.grid else None,
+                **({"sequence": self.attention.tokens, "width": self.attention.width} if self.attention else {}),
+            },
             "window": self.window.to_json(),
             "calibration": {
                 "mode": self.calibration.mode,
@@ -173,6 +198,12 @@ class Plan:
         denoise = sampling.float("denoise", 1e-6, 1.0)
         tokens = r.section("tokens")
         grid = tokens.grid("grid")
+        attention = None
+        if "sequence" in tokens.data or "width" in tokens.data:
+            if grid is None:
+                raise PlanError("tokens.sequence and tokens.width need tokens.grid")
+            attention = AttentionSize(tokens.int("sequence", math.prod(grid), MAX_GRID_TOKENS),
+                                      tokens.int("width", 1, 1 << 20))
         window = r.window("window")
         cal = r.section("calibration")
         mode = cal.str("mode")
@@ -201,6 +232,7 @@ class Plan:
             cfg=cfg,
             denoise=denoise,
             grid=grid,
+            attention=attention,
             window=window,
             calibration=Calibration(mode=mode, delta=delta, samples=samples),
             pack_version=pack_version,

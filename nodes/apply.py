@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ditfastattn_core.comfy_bridge import apply_fastattn
+from ..ditfastattn_core.comfy_bridge import apply_config, install
 from ..ditfastattn_core.kernels import kernel_names
+from ..ditfastattn_core.state import CachePlacement
 from ..ditfastattn_core.steps import STEP_MODES, STRICT
 from .types import Plan, describe, plan_ui
 
@@ -31,11 +32,23 @@ class ApplyFastAttn(io.ComfyNode):
                                "(KSamplerAdvanced start/end steps, denoise), matched by sigma, or uses the plan's "
                                "step count. normalised: otherwise map steps by their relative position (a plan "
                                "for 20 steps on 30)."),
+                io.Combo.Input("cache_placement", options=[p.value for p in CachePlacement],
+                               default=CachePlacement.DEVICE.value, optional=True,
+                               tooltip="Where the plan's caches (window residuals, reused outputs) live: beside the "
+                               "model, or in CPU memory (pinned, copied without blocking) to free GPU memory for "
+                               "one copy each way per use. The node shows their peak size."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: the latent you will sample, to state the cache memory at its "
+                                "size and batch (else at the plan's calibration size, batch 1)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FastAttn; bypass this node to turn it off.")],
         )
 
     @classmethod
-    def execute(cls, model, plan, window_kernel: str, step_matching: str) -> io.NodeOutput:
-        patched = apply_fastattn(model, plan, kernel=window_kernel, step_mode=step_matching)
-        return io.NodeOutput(patched, ui=plan_ui(plan, describe(plan)))
+    def execute(cls, model, plan, window_kernel: str, step_matching: str,
+                cache_placement: str = CachePlacement.DEVICE.value, latent: dict | None = None) -> io.NodeOutput:
+        config = apply_config(model, plan, kernel=window_kernel, step_mode=step_matching,
+                              cache_placement=CachePlacement(cache_placement))
+        shape = tuple(latent["samples"].shape) if latent is not None else None
+        summary = f"{describe(plan)}\n{config.describe_caches(shape)}"
+        return io.NodeOutput(install(model, config), ui=plan_ui(plan, summary))

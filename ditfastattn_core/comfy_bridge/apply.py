@@ -7,14 +7,15 @@ from typing import Any
 
 import torch
 
+from ..cache_memory import CacheEstimate, format_bytes
 from ..kernels import usable_kernel
 from ..plan import Plan
-from ..state import RunState
+from ..state import CachePlacement, RunState
 from ..steps import STRICT, StepMapper, check_step_mode
 from ..strategies import Strategy
 from .families import Geometry
 from .install import install, model_geometry
-from .run import Run, check_window
+from .run import Run, check_window, log
 
 
 class PlanMismatchError(ValueError):
@@ -29,6 +30,35 @@ class ApplyConfig:
     geometry: Geometry
     kernel: str = "auto"
     step_mode: str = STRICT
+    cache_placement: CachePlacement = CachePlacement.DEVICE
+    dtype: torch.dtype = torch.float16
+    """The model's compute dtype: the caches hold it."""
+
+    def cache_estimate(self, latent_shape: tuple[int, ...]) -> CacheEstimate | None:
+        """The plan's peak cache memory when sampling this latent (batch and size); None
+        where the plan does not know its attention size or the latent cannot be placed."""
+        try:
+            grid = self.geometry.grid(self.geometry.latent_shape(tuple(latent_shape), {}))
+        except ValueError:
+            return None
+        return self.plan.cache_estimate(grid, batch=latent_shape[0], dtype=self.dtype,
+                                        placement=self.cache_placement)
+
+    def describe_caches(self, latent_shape: tuple[int, ...] | None = None) -> str:
+        """One line for the node: the peak cache memory at this latent's size and batch, else
+        at the plan's calibration size and batch 1."""
+        if latent_shape is None:
+            estimate, where = self.plan.cache_estimate(dtype=self.dtype, placement=self.cache_placement), \
+                f"at the plan's size {_grid_text(self.plan.grid)}, batch 1"
+        else:
+            estimate, where = self.cache_estimate(latent_shape), f"for the latent {list(latent_shape)}"
+        if self.plan.attention is None:
+            return "caches: size unknown (the plan does not record its attention size: recalibrate to see it)"
+        if estimate is None:
+            return f"caches: size unknown for the latent {list(latent_shape)}"
+        if not estimate.peak_bytes:
+            return "caches: none (the plan caches nothing)"
+        return f"{estimate.describe()}, {where}"
 
     def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> ApplyRun:
         return ApplyRun.start(self, sample_sigmas, latent_shape)
@@ -39,9 +69,10 @@ class ApplyRun(Run):
 
     def __init__(self, config: ApplyConfig, steps: StepMapper) -> None:
         plan = config.plan
-        super().__init__(config.geometry, plan.window, config.kernel, steps, RunState(plan.schedule),
-                         plan_grid=plan.grid, module_outputs=True)
+        super().__init__(config.geometry, plan.window, config.kernel, steps,
+                         RunState(plan.schedule, config.cache_placement), plan_grid=plan.grid, module_outputs=True)
         self.plan = plan
+        self.estimate: CacheEstimate | None = None
 
     @classmethod
     def start(cls, config: ApplyConfig, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> ApplyRun:
@@ -55,7 +86,17 @@ class ApplyRun(Run):
         run = cls(config, StepMapper.for_run(plan.sigmas, sigmas, config.step_mode))
         if not run.steps.by_sigma:
             run.explain_schedule_mismatch(sigmas)
+        run.estimate = config.cache_estimate(latent_shape)
+        if run.estimate is not None and run.estimate.peak_bytes:
+            log.info("FastAttn %s", run.estimate.describe())
         return run
+
+    def finish(self) -> dict[str, int]:
+        stats = super().finish()
+        if self.estimate is not None and self.peak_cache_bytes:
+            log.info("FastAttn caches held at most %s (estimated %s)", format_bytes(self.peak_cache_bytes),
+                     format_bytes(self.estimate.peak_bytes))
+        return stats
 
     def strategy(self, step: int, layer: int) -> Strategy:
         return self.state.schedule[step][layer]
@@ -70,6 +111,10 @@ class ApplyRun(Run):
                 f"this run's noise schedule differs from the plan's by up to {worst:.0%} (plan: "
                 f"{plan.sampler or '?'} / {plan.scheduler or '?'}, denoise {plan.denoise:g}); the plan "
                 "applies by step, but recalibrate for these settings for the quality it was made for"))
+
+
+def _grid_text(grid: tuple[int, ...] | None) -> str:
+    return "x".join(map(str, grid)) + " tokens" if grid else "?"
 
 
 def check_plan(model: Any, plan: Plan, geometry: Geometry | None = None) -> Geometry:
@@ -88,10 +133,28 @@ def check_plan(model: Any, plan: Plan, geometry: Geometry | None = None) -> Geom
     return geometry
 
 
-def apply_fastattn(model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT) -> Any:
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype a ModelPatcher's attention runs in (the manual-cast dtype of fp8 weights)."""
+    base = model.model
+    if hasattr(base, "get_dtype_inference"):
+        return base.get_dtype_inference()
+    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+
+
+def apply_fastattn(
+    model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT,
+    cache_placement: CachePlacement = CachePlacement.DEVICE,
+) -> Any:
     """A clone of ``model`` (a ModelPatcher) that samples with ``plan``."""
+    return install(model, apply_config(model, plan, kernel, step_mode, cache_placement))
+
+
+def apply_config(
+    model: Any, plan: Plan, kernel: str = "auto", step_mode: str = STRICT,
+    cache_placement: CachePlacement = CachePlacement.DEVICE,
+) -> ApplyConfig:
+    """What ``apply_fastattn`` installs, after every check that needs no latent."""
     check_step_mode(step_mode)
     geometry = check_plan(model, plan)
-    config = ApplyConfig(plan=plan, geometry=geometry, kernel=usable_kernel(kernel, model.load_device),
-                         step_mode=step_mode)
-    return install(model, config)
+    return ApplyConfig(plan=plan, geometry=geometry, kernel=usable_kernel(kernel, model.load_device),
+                       step_mode=step_mode, cache_placement=cache_placement, dtype=compute_dtype(model))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..context import CallContext
+from ..strategies import COND, UNCOND
 from .families import OVERRIDE, Geometry, UnsupportedModelError
 from .run import ModelCall
 
@@ -226,10 +227,10 @@ def reused_module_output(call: ModelCall, layer: int, ctx: CallContext, shape: t
     if any(o is None for o in outs):
         return None
     keep = call.state.keeps_output(call.step, layer)  # AST again at the next step
-    for r, o in zip(rows, outs, strict=True):
+    for r in rows:
         call.state.count("reuse")
         if keep:
-            call.state.put_output(call.step, r.cache_key(layer), o)  # the same tensor, no copy
+            call.state.carry_output(call.step, r.cache_key(layer))  # kept once for both steps
     return outs[0].clone() if len(outs) == 1 else torch.cat(outs)
 
 
@@ -237,8 +238,13 @@ def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch
     """Keep the module output a later AST step reuses; the caller gets its own tensor."""
     if not ctx.module_outputs or not call.state.keeps_output(call.step, layer):
         return out
-    for r in ctx.chunks(out.shape[0]):
-        call.state.put_output(call.step, r.cache_key(layer), out[r.rows])
+    chunks = ctx.chunks(out.shape[0])
+    conds = [c for c in chunks if c.branch == COND]
+    shared = call.run.strategy(call.step, layer).shares_cfg and len(conds) == 1
+    for c in sorted(chunks, key=lambda c: c.branch):  # conditional first: ASC aliases it, as the engine does
+        if not (shared and c.branch == UNCOND and call.state.alias_output(call.step, c.cache_key(layer),
+                                                                          conds[0].cache_key(layer))):
+            call.state.put_output(call.step, c.cache_key(layer), out[c.rows])
     return out.clone()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..cache_memory import AttentionSize
 from ..calibrate import CALIBRATORS, GUIDED, MODES, PAPER, Calibrator, Row, schedule_from_rows
 from ..context import CallContext
 from ..plan import Calibration, Plan
@@ -39,6 +40,8 @@ class CalibrationSink:
         self.calibrator: Calibrator | None = None
         self.sample_sigmas: list[float] | None = None
         self.grid: tuple[int, ...] | None = None
+        self.attention: AttentionSize | None = None
+        """The compressible attention calls' size (the widest layer's), for the plan."""
         self.stats: dict[str, int] = {}
 
     def __deepcopy__(self, memo: dict) -> CalibrationSink:
@@ -101,9 +104,17 @@ class CalibrationRun(Run):
     def attention(self, call: ModelCall, layer: int, ctx: CallContext, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, dense: Callable, passthrough: Callable[[], torch.Tensor],
                   **layout: bool | int) -> torch.Tensor:
+        self.note_size(ctx, q)
         if self.row is None and self.calibrator is not None:
             return self.calibrator.attention(q, k, v, layer, ctx, call.state, dense, **layout)
         return super().attention(call, layer, ctx, q, k, v, dense, passthrough, **layout)
+
+    def note_size(self, ctx: CallContext, q: torch.Tensor) -> None:
+        """Remember the largest attention call seen (the plan's cache estimate sizes by it)."""
+        seen = self.config.sink.attention or AttentionSize(0, 0)
+        tokens = ctx.tokens.seq_len
+        width = q.numel() // (q.shape[0] * tokens)  # either of ComfyUI's layouts
+        self.config.sink.attention = AttentionSize(max(seen.tokens, tokens), max(seen.width, width))
 
     def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict,
                    conds: dict | None = None) -> ModelCall:
@@ -339,6 +350,7 @@ def calibrate(
         cfg=float(request.cfg),
         denoise=float(request.denoise),
         grid=sink.grid,
+        attention=sink.attention,
         window=request.window,
         calibration=Calibration(mode=request.mode, delta=request.delta, samples=latent_image.shape[0]),
     )

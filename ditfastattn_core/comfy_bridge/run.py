@@ -43,6 +43,8 @@ class Run:
         """MultiGPU CFG Split: each extra device's worker thread keeps its own caches, so
         nothing is shared, copied or waited for across devices."""
         self.plan_grid = plan_grid
+        self.peak_cache_bytes: int | None = None
+        """The most cache memory the run held at once (all devices), known once it finished."""
         self.lock = threading.Lock()
         self.reported: set[str] = set()
 
@@ -89,9 +91,13 @@ class Run:
     def finish(self) -> dict[str, int]:
         """Free every cache; returns the run's counters (all devices)."""
         stats = dict(self.state.stats)
+        self.state.note_peak()
+        self.peak_cache_bytes = self.state.peak_bytes
         for state in self.device_states.values():
             for k, v in state.stats.items():
                 stats[k] = stats.get(k, 0) + v
+            state.note_peak()
+            self.peak_cache_bytes += state.peak_bytes
             state.reset()
         self.device_states.clear()
         if stats:
@@ -117,7 +123,7 @@ class Run:
         with self.lock:
             state = self.device_states.get(device)
             if state is None:
-                state = self.device_states[device] = RunState(self.state.schedule)
+                state = self.device_states[device] = RunState(self.state.schedule, self.state.placement)
                 fresh = len(self.device_states) == 2
             else:
                 fresh = False
