@@ -10,7 +10,9 @@ Per technique (every layer of step 1 uses it, after a FULL step 0):
   output projections included: where the pack owns the module, AST skips them too);
 - model-call time % of the unpatched model (the whole PixArt forward, CFG batch of 2);
 - cache memory per layer that the technique needs.
-Plus the hook's overhead: an all-FULL plan vs the unpatched model.
+Plus the hook's overhead (an all-FULL plan vs the unpatched model), and the cache memory of a
+compressing plan: the peak a sampling run held against the estimate Apply FastAttn states,
+with the caches on the compute device and in CPU memory, and what CPU caches cost in time.
 
     COMFYUI_PATH=~/comfyui python bench/techniques.py [--sizes 1024 2048] [--repeats 3]
 """
@@ -78,14 +80,21 @@ class TimedSampling:
         model_sampling = self.base.get_model_object("model_sampling")
         self.sigmas = tuple(comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).tolist())
 
-    def patched(self, letters: list[str], window):
+    def plan(self, rows: list[str], window):
+        """A plan for this model (with its attention size: PixArt's self-attention covers the image
+        tokens only, 1152 wide); ``rows`` holds one letter per layer, a row per step."""
+        from ditfastattn_core import AttentionSize, Plan, Schedule
+
+        grid = tuple(s // 2 for s in self.latent.shape[2:])
+        return Plan(schedule=Schedule.from_letters(rows), family="pixart", sigmas=self.sigmas, sampler="euler",
+                    scheduler="normal", cfg=4.5, window=window, grid=grid,
+                    attention=AttentionSize(grid[0] * grid[1], 1152))
+
+    def patched(self, letters: list[str], window, **apply):
         """The base model with a plan of one letter per step on every layer."""
-        from ditfastattn_core import Plan, Schedule
         from ditfastattn_core.comfy_bridge import apply_fastattn
 
-        plan = Plan(schedule=Schedule.from_letters([c * self.depth for c in letters]), family="pixart",
-                    sigmas=self.sigmas, sampler="euler", scheduler="normal", cfg=4.5, window=window)
-        return apply_fastattn(self.base, plan)
+        return apply_fastattn(self.base, self.plan([c * self.depth for c in letters], window), **apply)
 
     def call_times(self, model, seed: int) -> list[float]:
         """Seconds of each model call of one sampling run."""
@@ -172,6 +181,56 @@ def hook_overhead(latent_side: int, depth: int, pairs: int, steps: int, window) 
     return statistics.median(ratios) - 1, len(ratios)
 
 
+CACHE_LETTERS = ("FWTXTFWC", "FTWTXFCW")
+"""A compressing plan's letters per step, for even and odd layers: residuals and reused outputs
+held at once, as in calibrated plans."""
+
+
+def cache_memory(latent_side: int, depth: int, pairs: int, window) -> dict:
+    """A compressing plan sampled with its caches on the compute device and in CPU memory:
+    the peak cache bytes each run held (``Run.peak_cache_bytes``) against the plan's estimate,
+    and the sampling time with CPU caches relative to device caches (median of pairs)."""
+    import time
+
+    from ditfastattn_core import CachePlacement
+    from ditfastattn_core.comfy_bridge import apply_fastattn
+    from ditfastattn_core.comfy_bridge.apply import ApplyRun
+
+    steps = len(CACHE_LETTERS[0])
+    bench = TimedSampling(latent_side, depth, steps)
+    rows = ["".join(CACHE_LETTERS[layer % 2][step] for layer in range(depth)) for step in range(steps)]
+    plan = bench.plan(rows, window)
+    models = {p: apply_fastattn(bench.base, plan, cache_placement=p) for p in CachePlacement}
+    peaks: dict = {}
+    original = ApplyRun.finish
+
+    def finish(run):
+        stats = original(run)
+        peaks[run.state.placement] = run.peak_cache_bytes
+        return stats
+
+    ApplyRun.finish = finish
+    try:
+        times: dict = {p: [] for p in CachePlacement}
+        for p in CachePlacement:
+            bench.call_times(models[p], 0)  # warm-up
+        for _ in range(pairs):
+            for p in CachePlacement:
+                t0 = time.perf_counter()
+                bench.call_times(models[p], 0)
+                times[p].append(time.perf_counter() - t0)
+    finally:
+        ApplyRun.finish = original
+    device, cpu = times[CachePlacement.DEVICE], times[CachePlacement.CPU]
+    return {
+        "plan": rows,
+        "estimate": plan.cache_estimate(dtype=bench.base.model.get_dtype()),
+        "measured": peaks,
+        "device_time": statistics.median(device),
+        "cpu_ratio": statistics.median(c / d for c, d in zip(cpu, device, strict=True)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sizes (latent = size/8)")
@@ -186,12 +245,15 @@ def main() -> None:
         default=0,
         help="also measure the all-FULL hook overhead over this many pairs of 8-step runs",
     )
+    ap.add_argument("--cache-pairs", type=int, default=3,
+                    help="pairs of runs for the cache memory table (0: skip it)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     import_comfy(args.device)
     import torch
 
     from ditfastattn_core import Strategy, WindowSpec
+    from ditfastattn_core.cache_memory import format_bytes
 
     window = WindowSpec(tile=(args.tile,)) if args.tile else WindowSpec()
     print(f"torch {torch.__version__}, {args.device}, CPU threads {torch.get_num_threads()}, PixArt-Sigma-XL width, depth "
@@ -220,6 +282,15 @@ def main() -> None:
         if calls:
             print(f"hook overhead, all-FULL plan vs unpatched model call: {calls['FULL'][0] - 1:+.2%} "
                   f"(unpatched call {plain:.2f} s)")
+        if args.cache_pairs:
+            c = cache_memory(size // 8, args.depth, args.cache_pairs, window)
+            e = c["estimate"]
+            measured = ", ".join(f"{p.value} {format_bytes(b)}" for p, b in c["measured"].items())
+            print(f"cache memory, plan {'/'.join(c['plan'])} ({len(c['plan'])} euler steps, batch 1, CFG): "
+                  f"estimated peak {format_bytes(e.peak_bytes)} after step {e.peak_step} "
+                  f"({e.peak_bytes // e.entry_bytes} x {format_bytes(e.entry_bytes)}); measured peak: {measured}; "
+                  f"sampling with caches in CPU memory: {c['cpu_ratio']:.3f}x the time with caches on the "
+                  f"{args.device} (median of {args.cache_pairs} pairs; {c['device_time']:.1f} s per run)")
         if args.overhead_pairs:
             overhead, n = hook_overhead(size // 8, args.depth, args.overhead_pairs, 8, window)
             print(f"hook overhead, all-FULL plan vs unpatched, median of {n} model calls "
