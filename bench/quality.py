@@ -13,14 +13,17 @@ intervals for accuracy and the distances.
 FD real: to the held-out real images (the issue's measure; it also charges the model, and cfg's
 loss of variety, not only compression). FD FULL: to FULL's samples at other seeds (the next
 ``--samples`` seeds), so it charges only what compression changed; FULL's own row gives the floor
-that sampling noise alone reaches. ``--full-cfg`` adds FULL rows at other guidance scales.
+that sampling noise alone reaches. ``--full-cfg`` adds FULL rows at other guidance scales,
+``--full-seed-sets`` FULL rows at further sets of seeds (how much FULL's FDs vary from one set of
+seeds to the next, beside what the bootstrap says).
 
 Each configuration's latents are saved under ``--out``; ``--reuse`` takes them from there
 (when saved with the same samples, batch and calibration seed) to recompute the table without
 sampling.
 
     COMFYUI_PATH=~/comfyui python bench/quality.py [--samples 256] [--deltas D1 D2 ...]
-        [--modes paper fast guided] [--windows band 2d] [--full-cfg 3 4.5] [--reuse]
+        [--modes paper fast guided] [--windows band 2d] [--full-cfg 3 4.5]
+        [--full-seed-sets 6] [--reuse]
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--windows", nargs="+", choices=list(WINDOWS), default=list(WINDOWS))
     ap.add_argument("--full-cfg", nargs="*", type=float, default=[], help="FULL rows at these guidance scales too")
+    ap.add_argument("--full-seed-sets", type=int, default=0, help="FULL rows at this many further sets of seeds")
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--resamples", type=int, default=500, help="bootstrap resamples")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality",
@@ -124,15 +128,19 @@ def main() -> None:
     full_other = space(latent_to_image(saved("FULL other seeds",
                                              lambda: {"latents": generate(model, first_seed=batches)})["latents"]))
 
-    def row(name: str, flops: float, latents: torch.Tensor) -> dict:
+    def row(name: str, flops: float, latents: torch.Tensor, same_seeds: bool = True) -> dict:
+        """The row's scores; the errors vs FULL only for samples drawn at FULL's seeds."""
         images = latent_to_image(latents)
         feats = space(images)
         with torch.no_grad():
             correct = (clf.predict(images) == labels).numpy()
-        mse = ((images - full_images) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        rel_l1, psnr = math.nan, math.nan
+        if same_seeds:
+            mse = ((images - full_images) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            rel_l1 = relative_l1(full, latents)
+            psnr = (10 * torch.log10(1.0 / mse)).mean().item() if latents is not full else math.inf
         return {
-            "name": name, "flops": flops, "rel_l1": relative_l1(full, latents),
-            "psnr": (10 * torch.log10(1.0 / mse)).mean().item() if latents is not full else math.inf,
+            "name": name, "flops": flops, "rel_l1": rel_l1, "psnr": psnr,
             "acc": correct.mean(), "acc_ci": bootstrap(lambda i: correct[i].mean(), len(correct), args.resamples),
             **{f"fd_{ref_name}": frechet_distance(feats, ref) for ref_name, ref in (("real", real), ("full", full_other))},
             **{f"fd_{ref_name}_ci": bootstrap(lambda i, ref=ref: frechet_distance(feats[i], ref), len(feats),
@@ -161,6 +169,11 @@ def main() -> None:
               f"{fds[1]:>22} {r['sym']:>8.4f} {cal:>6}  {r.get('plan', '')}", flush=True)
 
     show(row("FULL", 1.0, full))
+    for k in range(2, 2 + args.full_seed_sets):
+        seeds = f"seeds {k * batches}-{(k + 1) * batches - 1}"
+        show(row(f"FULL {seeds}", 1.0, saved(f"FULL {seeds}",
+                                             lambda k=k: {"latents": generate(model, first_seed=k * batches)})["latents"],
+                 same_seeds=False))
     for cfg in args.full_cfg:
         show(row(f"FULL cfg {cfg:g}", 1.0,
                  saved(f"FULL cfg {cfg:g}", lambda cfg=cfg: {"latents": generate(model, cfg=cfg)})["latents"]))
