@@ -10,8 +10,8 @@ conditioned class, two Frechet distances on the classifier's features (``demo_mo
 the mean symmetry error (the data's long-range structure; 0 for real images), with 95% bootstrap
 intervals for accuracy and the distances.
 
-FD real: to the held-out real images (the issue's measure; it also charges the model, and cfg's
-loss of variety, not only compression). FD FULL: to FULL's samples at other seeds (the next
+FD real: to the held-out real images (the issue's measure; it judges the samples as a whole, the
+guidance scale's exaggeration included, not only what compression changed). FD FULL: to FULL's samples at other seeds (the next
 ``--samples`` seeds), so it charges only what compression changed; FULL's own row gives the floor
 that sampling noise alone reaches. ``--full-cfg`` adds FULL rows at other guidance scales,
 ``--full-seed-sets`` FULL rows at further sets of seeds (how much FULL's FDs vary from one set of
