@@ -44,8 +44,8 @@ def blur(images, size):
 
 def mix_classes(images, labels, fraction):
     """Blend ``fraction`` of the images half and half with an image of another class."""
-    other = torch.roll(torch.arange(len(labels)), 1)
-    other = torch.where(labels[other] == labels, torch.roll(other, 1), other)
+    n = len(labels)
+    other = [next((i + k) % n for k in range(1, n) if labels[(i + k) % n] != labels[i]) for i in range(n)]
     chosen = torch.arange(len(labels)) < round(fraction * len(labels))
     mixed = images.clone()
     mixed[chosen] = 0.5 * images[chosen] + 0.5 * images[other][chosen]
