@@ -1,17 +1,29 @@
 """The paper's Table 1 on the pack's trained demo model, through the pack's nodes in real ComfyUI.
 
 FULL first, then for each window (the paper's 1D band, the 2D box) and calibration mode (paper,
-fast) and each threshold D1-D6 (delta 0.025 ... 0.15): calibrate a plan with "Calibrate FastAttn
-Plan" on one latent per class (seed ``--calibration-seed``, disjoint from the evaluation seeds),
-apply it with "Apply FastAttn" and sample the evaluation set with the core KSampler. Per row:
-attention FLOPs % of FULL (the plan's cost model), error vs FULL at the same seeds (the paper's mean
-relative L1 on the latents, PSNR of the images), the classifier's accuracy on the conditioned
-class, the Frechet distance of the classifier's features to the held-out real images, and the mean
-symmetry error (the data's long-range structure; 0 for real images), with 95% bootstrap intervals
-for accuracy and FD.
+fast, guided) and each threshold D1-D6 (delta 0.025 ... 0.15): calibrate a plan with "Calibrate
+FastAttn Plan" on one latent per class (seed ``--calibration-seed``, disjoint from the evaluation
+seeds), apply it with "Apply FastAttn" and sample the evaluation set with the core KSampler. Per
+row: attention FLOPs % of FULL (the plan's cost model), error vs FULL at the same seeds (the
+paper's mean relative L1 on the latents, PSNR of the images), the classifier's accuracy on the
+conditioned class, two Frechet distances on the classifier's features (``demo_model.frechet``) and
+the mean symmetry error (the data's long-range structure; 0 for real images), with 95% bootstrap
+intervals for accuracy and the distances.
 
-    COMFYUI_PATH=~/comfyui python bench/quality.py [--samples 256] [--deltas 0.025 0.05 ...]
-        [--modes paper fast guided] [--windows band 2d]
+FD real: to the held-out real images (the issue's measure; it judges the samples as a whole, the
+guidance scale's exaggeration included, not only what compression changed). FD FULL: to FULL's samples at other seeds (the next
+``--samples`` seeds), so it charges only what compression changed; FULL's own row gives the floor
+that sampling noise alone reaches. ``--full-cfg`` adds FULL rows at other guidance scales,
+``--full-seed-sets`` FULL rows at further sets of seeds (how much FULL's FDs vary from one set of
+seeds to the next, beside what the bootstrap says).
+
+Each configuration's latents are saved under ``--out``; ``--reuse`` takes them from there
+(when saved with the same samples, batch and calibration seed) to recompute the table without
+sampling.
+
+    COMFYUI_PATH=~/comfyui python bench/quality.py [--samples 256] [--deltas D1 D2 ...]
+        [--modes paper fast guided] [--windows band 2d] [--full-cfg 3 4.5]
+        [--full-seed-sets 6] [--reuse]
 """
 
 from __future__ import annotations
@@ -19,8 +31,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
-from comfy_setup import import_comfy, load_pack
+from comfy_setup import ROOT, import_comfy, load_pack
 
 from ditfastattn_core.calibrate import MODES
 
@@ -28,28 +41,20 @@ DELTAS = {"D1": 0.025, "D2": 0.05, "D3": 0.075, "D4": 0.1, "D5": 0.125, "D6": 0.
 WINDOWS = {"band": "band 1/8 (paper)", "2d": "2D box 1/8"}
 
 
-def frechet_distance(a, b) -> float:
-    """Frechet distance between Gaussians fitted to two (N, D) feature sets."""
-    import numpy as np
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = np.real(linalg.sqrtm(cov_a @ cov_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
-
-
 def bootstrap(stat, n: int, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95% basic bootstrap interval of ``stat(indices)`` over resamples of n items with replacement:
-    (2 s - q97.5, 2 s - q2.5), which also undoes the upward bias that duplicated samples give a
-    Frechet distance."""
+    """95% bootstrap interval of ``stat(indices)`` over resamples of n items with replacement: the
+    percentile interval moved by the bootstrap's bias (mean of the resampled values minus the point
+    value). A Frechet distance of a resample sits above the sample's by about its own estimation
+    floor; the move takes that off and keeps the distance's right skew (the reflected "basic"
+    interval, 2 s - q, also takes it off but reflects the skew, and on real digits it left out the
+    sample's own value). For an accuracy the bias is ~0 and this is the percentile interval."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     point = stat(np.arange(n))
-    values = sorted(stat(rng.integers(0, n, n)) for _ in range(resamples))
-    low, high = values[int(0.025 * resamples)], values[min(resamples - 1, int(0.975 * resamples))]
-    return 2 * point - high, 2 * point - low
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
+    low, high = np.quantile(values, [0.025, 0.975]) - (values.mean() - point)
+    return float(low), float(high)
 
 
 def main() -> None:
@@ -59,8 +64,13 @@ def main() -> None:
     ap.add_argument("--deltas", nargs="+", choices=list(DELTAS), default=list(DELTAS))
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--windows", nargs="+", choices=list(WINDOWS), default=list(WINDOWS))
+    ap.add_argument("--full-cfg", nargs="*", type=float, default=[], help="FULL rows at these guidance scales too")
+    ap.add_argument("--full-seed-sets", type=int, default=0, help="FULL rows at this many further sets of seeds")
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--resamples", type=int, default=500, help="bootstrap resamples")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality",
+                    help="folder for each configuration's latents")
+    ap.add_argument("--reuse", action="store_true", help="take latents saved under --out instead of sampling")
     args = ap.parse_args()
     import_comfy()
     import torch
@@ -78,75 +88,117 @@ def main() -> None:
         sample_classes,
     )
     from demo_model.conditioning import NULL, class_conditioning, load_class_embeddings
-    from demo_model.data import NUM_CLASSES, load_digits_split, symmetry_error
-    from demo_model.train import held_out_images
+    from demo_model.data import NUM_CLASSES, every_shift, load_digits_split, symmetry_error
+    from demo_model.frechet import FeatureSpace, frechet_distance
     from ditfastattn_core import relative_l1
 
     pack = load_pack()
     model = load_demo_dit()
     emb = load_class_embeddings(CLASS_EMBEDDINGS_FILE)
     clf = load_classifier(CLASSIFIER_FILE)
-    _, _, test_x, test_y = load_digits_split()
-    with torch.no_grad():
-        real = clf.features(held_out_images(test_x, test_y)[0]).numpy().astype("float64")
+    train_x, train_y, test_x, test_y = load_digits_split()
+    space = FeatureSpace(clf, every_shift(train_x, train_y)[0])
+    real = space(every_shift(test_x, test_y)[0])
     labels = torch.tensor([i % NUM_CLASSES for i in range(args.samples)])
+    batches = math.ceil(args.samples / args.batch)
 
-    def generate(m) -> torch.Tensor:
-        chunks = [sample_classes(m, emb, labels[i:i + args.batch].tolist(), seed=i // args.batch)
-                  for i in range(0, args.samples, args.batch)]
+    def generate(m, first_seed: int = 0, cfg: float = CFG) -> torch.Tensor:
+        chunks = [sample_classes(m, emb, labels[i:i + args.batch].tolist(), seed=first_seed + i // args.batch,
+                                 cfg=cfg) for i in range(0, args.samples, args.batch)]
         return torch.cat(chunks)
 
-    t0 = time.perf_counter()
-    full = generate(model)
-    full_time = time.perf_counter() - t0
-    full_images = latent_to_image(full)
+    def saved(name: str, make) -> dict:
+        """``make()``'s record (latents and what produced them), saved under --out; with --reuse the
+        record saved there by an earlier run with the same settings."""
+        path = args.out / f"{name.replace(' ', '_')}.pt"
+        key = {"samples": args.samples, "batch": args.batch, "calibration_seed": args.calibration_seed}
+        if args.reuse and path.is_file():
+            record = torch.load(path, weights_only=True)
+            if all(record.get(k) == v for k, v in key.items()):
+                return record
+        t0 = time.perf_counter()
+        record = {**make(), **key, "seconds": time.perf_counter() - t0}
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(record, path)
+        return record
 
-    def row(name: str, flops: float, latents: torch.Tensor) -> dict:
+    full_record = saved("FULL", lambda: {"latents": generate(model)})
+    full = full_record["latents"]
+    full_images = latent_to_image(full)
+    full_other = space(latent_to_image(saved("FULL other seeds",
+                                             lambda: {"latents": generate(model, first_seed=batches)})["latents"]))
+
+    def row(name: str, flops: float, latents: torch.Tensor, same_seeds: bool = True) -> dict:
+        """The row's scores; the errors vs FULL only for samples drawn at FULL's seeds."""
         images = latent_to_image(latents)
+        feats = space(images)
         with torch.no_grad():
-            feats = clf.features(images).numpy().astype("float64")
-            correct = (clf.head(torch.from_numpy(feats).float()).argmax(1) == labels).numpy()
-        mse = ((images - full_images) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            correct = (clf.predict(images) == labels).numpy()
+        rel_l1, psnr = math.nan, math.nan
+        if same_seeds:
+            mse = ((images - full_images) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            rel_l1 = relative_l1(full, latents)
+            psnr = (10 * torch.log10(1.0 / mse)).mean().item() if latents is not full else math.inf
         return {
-            "name": name, "flops": flops, "rel_l1": relative_l1(full, latents),
-            "psnr": (10 * torch.log10(1.0 / mse)).mean().item() if latents is not full else math.inf,
+            "name": name, "flops": flops, "rel_l1": rel_l1, "psnr": psnr,
             "acc": correct.mean(), "acc_ci": bootstrap(lambda i: correct[i].mean(), len(correct), args.resamples),
-            "fd": frechet_distance(feats, real),
-            "fd_ci": bootstrap(lambda i: frechet_distance(feats[i], real), len(feats), args.resamples),
+            **{f"fd_{ref_name}": frechet_distance(feats, ref) for ref_name, ref in (("real", real), ("full", full_other))},
+            **{f"fd_{ref_name}_ci": bootstrap(lambda i, ref=ref: frechet_distance(feats[i], ref), len(feats),
+                                              args.resamples)
+               for ref_name, ref in (("real", real), ("full", full_other))},
             "sym": symmetry_error(images).mean().item(),
         }
 
     print(f"demo model (SD3/MMDiT depth 2, 64 image tokens), {args.samples} samples, {STEPS} {SAMPLER} steps "
           f"({SCHEDULER}), cfg {CFG}; calibration on {NUM_CLASSES} latents (one per class), seed "
-          f"{args.calibration_seed}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"FULL generation {full_time:.0f} s; 95% bootstrap intervals over {args.resamples} resamples\n")
+          f"{args.calibration_seed}; FD on {space.axes.shape[1]} principal components of the classifier's "
+          f"features, FD FULL against FULL at seeds {batches}-{2 * batches - 1}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; FULL generation {full_record['seconds']:.0f} s; 95% bootstrap "
+          f"intervals over {args.resamples} resamples\n")
     head = (f"{'config':<16} {'attn FLOPs':>10} {'rel L1':>7} {'PSNR':>6} {'accuracy [95% CI]':>22} "
-            f"{'FD [95% CI]':>22} {'symmetry':>8} {'calib.':>6}  plan (a group per step, a letter per layer)")
+            f"{'FD real [95% CI]':>22} {'FD FULL [95% CI]':>22} {'symmetry':>8} {'calib.':>6}  "
+            "plan (a group per step, a letter per layer)")
     print(head)
     print("-" * len(head))
 
     def show(r: dict) -> None:
         acc = f"{r['acc']:.3f} [{r['acc_ci'][0]:.3f},{r['acc_ci'][1]:.3f}]"
-        fd = f"{r['fd']:.2f} [{r['fd_ci'][0]:.2f},{r['fd_ci'][1]:.2f}]"
+        fds = [f"{r[k]:.2f} [{r[k + '_ci'][0]:.2f},{r[k + '_ci'][1]:.2f}]" for k in ("fd_real", "fd_full")]
         cal = f"{r['cal_time']:.0f}s" if "cal_time" in r else ""
-        print(f"{r['name']:<16} {r['flops']:>10.1%} {r['rel_l1']:>7.4f} {r['psnr']:>6.1f} {acc:>22} {fd:>22} "
-              f"{r['sym']:>8.4f} {cal:>6}  {r.get('plan', '')}", flush=True)
+        print(f"{r['name']:<16} {r['flops']:>10.1%} {r['rel_l1']:>7.4f} {r['psnr']:>6.1f} {acc:>22} {fds[0]:>22} "
+              f"{fds[1]:>22} {r['sym']:>8.4f} {cal:>6}  {r.get('plan', '')}", flush=True)
 
     show(row("FULL", 1.0, full))
+    for k in range(2, 2 + args.full_seed_sets):
+        seeds = f"seeds {k * batches}-{(k + 1) * batches - 1}"
+        show(row(f"FULL {seeds}", 1.0, saved(f"FULL {seeds}",
+                                             lambda k=k: {"latents": generate(model, first_seed=k * batches)})["latents"],
+                 same_seeds=False))
+    for cfg in args.full_cfg:
+        show(row(f"FULL cfg {cfg:g}", 1.0,
+                 saved(f"FULL cfg {cfg:g}", lambda cfg=cfg: {"latents": generate(model, cfg=cfg)})["latents"]))
     cal_pos = class_conditioning(emb, list(range(NUM_CLASSES)))
     cal_neg = class_conditioning(emb, [NULL] * NUM_CLASSES)
     cal_latent = empty_latent(NUM_CLASSES)
+
+    def compressed(window: str, mode: str, d: str) -> dict:
+        t0 = time.perf_counter()
+        plan, _, _ = pack["DiTFastAttn_Calibrate"].execute(
+            model, cal_pos, cal_neg, cal_latent, args.calibration_seed, STEPS, CFG, SAMPLER, SCHEDULER,
+            1.0, DELTAS[d], mode, window=WINDOWS[window], samples=1, window_kernel="auto").result
+        cal_time = time.perf_counter() - t0
+        patched = pack["DiTFastAttn_Apply"].execute(model, plan, "auto", "strict").result[0]
+        return {"latents": generate(patched), "flops": plan.cost().attention_flops,
+                "plan": " ".join(plan.schedule.to_letters()), "cal_time": cal_time}
+
     for window in args.windows:
         for mode in args.modes:
             for d in args.deltas:
-                t0 = time.perf_counter()
-                plan, _, _ = pack["DiTFastAttn_Calibrate"].execute(
-                    model, cal_pos, cal_neg, cal_latent, args.calibration_seed, STEPS, CFG, SAMPLER, SCHEDULER,
-                    1.0, DELTAS[d], mode, window=WINDOWS[window], samples=1, window_kernel="auto").result
-                cal_time = time.perf_counter() - t0
-                patched = pack["DiTFastAttn_Apply"].execute(model, plan, "auto", "strict").result[0]
-                r = row(f"{window} {mode} {d}", plan.cost().attention_flops, generate(patched))
-                show({**r, "plan": " ".join(plan.schedule.to_letters()), "cal_time": cal_time})
+                name = f"{window} {mode} {d}"
+                record = saved(name, lambda window=window, mode=mode, d=d: compressed(window, mode, d))
+                r = row(name, record["flops"], record["latents"])
+                show({**r, "plan": record["plan"], "cal_time": record["cal_time"]})
+
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,15 @@ def compose(digits: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.T
     return torch.cat([top, top.flip(-2)], dim=-2).clamp(0.0, 1.0)
 
 
+def every_shift(digits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every digit composed at every shift in [-MAX_SHIFT, MAX_SHIFT]^2 (9 images per digit), and
+    their labels: the whole of a split as images."""
+    shifts = torch.tensor([(dy, dx) for dy in range(-MAX_SHIFT, MAX_SHIFT + 1)
+                           for dx in range(-MAX_SHIFT, MAX_SHIFT + 1)])
+    return (compose(digits.repeat_interleave(len(shifts), 0), shifts.repeat(len(labels), 1)),
+            labels.repeat_interleave(len(shifts)))
+
+
 def random_batch(digits: torch.Tensor, labels: torch.Tensor, size: int, generator: torch.Generator):
     """A batch of composed images (random digits, random shifts) and their labels."""
     idx = torch.randint(len(labels), (size,), generator=generator)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import CLASS_EMBEDDINGS_FILE, CLASSIFIER_FILE, DIT_FILE, RECORD_FILE
 from .classifier import DigitClassifier
 from .conditioning import CONTEXT_DIM, NULL, POOLED_DIM, ClassEmbeddings
-from .data import LATENT, MAX_SHIFT, compose, image_to_model_latent, load_digits_split, random_batch
+from .data import LATENT, every_shift, image_to_model_latent, load_digits_split, random_batch
 
 # The recipe. depth 2 = hidden 128, 2 heads of 64 (ComfyUI's MMDiT ties width and heads to depth);
 # patch 2 on a 16x16 latent = 64 image tokens, plus 4 text tokens.
@@ -157,15 +157,6 @@ def train_dit(train_x, train_y, log) -> tuple[torch.nn.Module, ClassEmbeddings, 
     return ema_dit.eval(), ema_emb.eval(), losses
 
 
-def held_out_images(test_x, test_y):
-    """Every held-out digit at every shift in [-1, 1]^2 (9 composed images per digit)."""
-    shifts = torch.tensor([(dy, dx) for dy in range(-MAX_SHIFT, MAX_SHIFT + 1)
-                           for dx in range(-MAX_SHIFT, MAX_SHIFT + 1)])
-    n = len(test_y)
-    digits = test_x.repeat_interleave(len(shifts), 0)
-    return compose(digits, shifts.repeat(n, 1)), test_y.repeat_interleave(len(shifts))
-
-
 def train_classifier(train_x, train_y, log) -> DigitClassifier:
     r = RECIPE
     gen = torch.Generator().manual_seed(r["seed"] + 1)
@@ -265,7 +256,7 @@ def main() -> None:
     clf = train_classifier(train_x, train_y, log)
     clf_wall = time.time() - t0
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(paths["clf"]))
-    held_x, held_y = held_out_images(test_x, test_y)
+    held_x, held_y = every_shift(test_x, test_y)
     held_acc = (clf.predict(held_x) == held_y).float().mean().item()
     log(f"classifier held-out accuracy {held_acc:.4f} over {len(held_y)} images ({len(test_y)} digits)")
 
