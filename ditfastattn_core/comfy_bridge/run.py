@@ -50,8 +50,9 @@ class Run:
     @functools.cached_property
     def hooks_attention(self) -> bool:
         """Whether an attention call of this run may compute other than as the model makes it.
-        A plan without a compressed cell leaves attention alone: no override, no module patch
-        at work, and under torch.compile no graph break."""
+        A plan without a compressed cell leaves attention alone: the override is not set and
+        module patches run the module's own forward (under torch.compile: no graph break where
+        the family attaches by the override)."""
         schedule = self.state.schedule
         return schedule is None or any(s is not Strategy.FULL for s in schedule.counts())
 

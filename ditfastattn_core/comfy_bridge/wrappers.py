@@ -94,7 +94,7 @@ def check_reached(call: ModelCall, options: dict) -> None:
     if COMPILE_WRAPPER_KEY not in options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
         return
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     raise StaleCompiledGraphError(
         "FastAttn: this torch.compile'd model ran a graph compiled without FastAttn (ComfyUI's "
         "TorchCompileModel does not recompile when only attention patches change), so the plan "

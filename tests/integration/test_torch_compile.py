@@ -84,13 +84,27 @@ def test_compiled_run_equals_eager_run_and_compresses(tiny, order, caplog):
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+def boundary_breaks() -> int:
+    """Graph breaks dynamo has counted at the pack's attention hooks."""
+    from torch._dynamo.utils import counters
+
+    from ditfastattn_core.comfy_bridge.attention_hooks import COMPILE_BOUNDARY
+
+    return sum(n for reason, n in counters["graph_break"].items() if COMPILE_BOUNDARY in reason)
+
+
 def test_one_compiled_model_without_the_pack_with_an_all_full_plan_and_with_a_compressing_plan(tiny, caplog):
     """One TorchCompileModel output sampled plain, then behind Apply FastAttn with an all-FULL
-    plan (equal to plain), with a compressing plan (compressed, as in eager), and plain again.
+    plan (which hooks nothing: the plain graph), with a compressing plan (compressed, as in
+    eager), and plain again.
 
-    ComfyUI 0.29.0's TorchCompileModel does not guard on transformer_options, so the graphs
-    compiled for the plain run would run FastAttn's runs FULL: the pack refuses that run once
-    (and drops the stale graphs), and the run after it uses the hooks."""
+    ComfyUI 0.29.0's TorchCompileModel does not guard on transformer_options, so where the
+    plain run's graphs inline attention they would run the compressing plan FULL: the pack
+    refuses that run once (and drops the stale graphs), and the run after it compiles with the
+    hooks. (These tiny models' plain graphs do not inline attention; bench/compile.py's model
+    does: ``test_a_compiled_call_that_never_reached_the_hooks_is_refused``.)"""
+    from ditfastattn_core.comfy_bridge import detect_family
+    from ditfastattn_core.comfy_bridge.families import OVERRIDE
     from ditfastattn_core.comfy_bridge.wrappers import StaleCompiledGraphError
 
     caplog.set_level(logging.INFO, logger="ditfastattn")
@@ -102,12 +116,40 @@ def test_one_compiled_model_without_the_pack_with_an_all_full_plan_and_with_a_co
     torch._dynamo.reset()
     model = compiled(tiny.patcher)
     plain = sample(tiny, model)
-    try:
-        all_full = sample(tiny, apply_fastattn(model, full))
-    except StaleCompiledGraphError:
-        all_full = sample(tiny, apply_fastattn(model, full))
+    breaks = boundary_breaks()
+    all_full = sample(tiny, apply_fastattn(model, full))
     torch.testing.assert_close(all_full, plain, **close_to(plain))
+    if detect_family(tiny.patcher.model).attach == OVERRIDE:
+        assert boundary_breaks() == breaks, "an all-FULL plan hooked attention"
+
+    try:
+        sample(tiny, apply_fastattn(model, plan))
+    except StaleCompiledGraphError:
+        pass  # the plain graph ran (ComfyUI 0.29.0, where it inlines attention); the pack dropped it
     caplog.clear()
     sample(tiny, apply_fastattn(model, plan))
-    assert run_stats(caplog) == eager_stats
+    assert run_stats(caplog) == eager_stats  # the compiled graph called the hooks
     torch.testing.assert_close(sample(tiny, model), plain, **close_to(plain))
+
+
+def test_a_compiled_call_that_never_reached_the_hooks_is_refused(monkeypatch):
+    """The refusal itself: a model call of a TorchCompileModel'd model in which no attention call
+    reached the pack raises (and drops torch.compile's cache); one that did, one without an image
+    grid, and one of an uncompiled model pass."""
+    from types import SimpleNamespace
+
+    import comfy.patcher_extension
+
+    from ditfastattn_core.comfy_bridge.keys import COMPILE_WRAPPER_KEY
+    from ditfastattn_core.comfy_bridge.wrappers import StaleCompiledGraphError, check_reached
+
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    compiled_options = {"wrappers": {comfy.patcher_extension.WrappersMP.APPLY_MODEL: {COMPILE_WRAPPER_KEY: [print]}}}
+    with pytest.raises(StaleCompiledGraphError, match="queue the prompt again"):
+        check_reached(SimpleNamespace(layers_seen=0, grid=(4, 4)), compiled_options)
+    assert resets == [1]
+    check_reached(SimpleNamespace(layers_seen=2, grid=(4, 4)), compiled_options)
+    check_reached(SimpleNamespace(layers_seen=0, grid=None), compiled_options)
+    check_reached(SimpleNamespace(layers_seen=0, grid=(4, 4)), {"wrappers": {}})
+    assert resets == [1]
