@@ -4,6 +4,12 @@ Calls arrive through the chained attention override (every family whose attentio
 transformer_options) or attention-module patches (PixArt, whose attention never does); both
 find the current model call in the ``CallSlot`` the APPLY_MODEL wrapper fills, and hand the
 call to ``route_attention``, which decides whether it is a compressible layer.
+
+Under torch.compile (ComfyUI's TorchCompileModel) both entries are ``torch.compiler.disable``d:
+what they do depends on the step, the run's caches and per-run Python state, none of which a
+compiled graph can hold or guard. The model's own code between attention calls stays compiled
+(one graph break per attention call), and the hooks are the same objects from one run to the
+next, so a sampling run reuses the graphs the first one compiled (``COMPILE_BOUNDARY``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from ..context import CallContext
 from ..strategies import COND, UNCOND
 from .families import OVERRIDE, Geometry, UnsupportedModelError
 from .run import ModelCall
+
+COMPILE_BOUNDARY = "FastAttn attention: per-step decisions and caches run eagerly"
+"""The reason torch.compile reports for the graph break at each attention call the pack hooks."""
 
 
 class CallSlot(threading.local):
@@ -134,6 +143,7 @@ def make_override(previous: Callable | None, slot: CallSlot) -> Callable:
     """An optimized_attention_override that compresses image self-attention and hands
     everything else, and every dense computation, to ``previous`` (or the backend)."""
 
+    @torch.compiler.disable(reason=COMPILE_BOUNDARY)
     def fastattn_override(func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         call = slot.current
@@ -190,6 +200,7 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
     def dense(q, k, v):
         return optimized_attention(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)
 
+    @torch.compiler.disable(reason=COMPILE_BOUNDARY)
     def forward(x, mask=None, HW=None, block_id=None):
         call = slot.current
         if call is None or mask is not None:

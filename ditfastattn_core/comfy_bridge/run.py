@@ -9,6 +9,7 @@ everything). A run is created by the OUTER_SAMPLE wrapper and finished in its ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -47,6 +48,15 @@ class Run:
         """The most cache memory the run held at once (all devices), known once it finished."""
         self.lock = threading.Lock()
         self.reported: set[str] = set()
+
+    @functools.cached_property
+    def hooks_attention(self) -> bool:
+        """Whether an attention call of this run may compute other than as the model makes it.
+        A plan without a compressed cell leaves attention alone: the override is not set and
+        module patches run the module's own forward (under torch.compile: no graph break where
+        the family attaches by the override)."""
+        schedule = self.state.schedule
+        return schedule is None or any(s is not Strategy.FULL for s in schedule.counts())
 
     # --- the protocol ---------------------------------------------------------------------
     def strategy(self, step: int, layer: int) -> Strategy:

@@ -3,7 +3,8 @@
 OUTER_SAMPLE creates the run from the installed config on a per-run copy of the model
 options, attaches the attention override there (outermost, chaining whatever override the
 graph set, also one set after Apply), and frees everything in ``finally``. APPLY_MODEL starts
-each model call and puts it in the ``CallSlot`` where the attention hooks find it.
+each model call and puts it in the ``CallSlot`` where the attention hooks find it, and refuses
+a compiled model call that never reached the hooks (``check_reached``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ from collections.abc import Callable
 
 from .attention_hooks import CallSlot, is_ours, make_override
 from .families import OVERRIDE
-from .keys import CONFIG_KEY, OVERRIDE_KEY, RUN_KEY
-from .run import Run
+from .keys import COMPILE_WRAPPER_KEY, CONFIG_KEY, OVERRIDE_KEY, RUN_KEY
+from .run import ModelCall, Run
 
 
 def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
+    overrides: list[Callable] = []
+    """The override of the last run, used again while it chains the same override: the same
+    object from run to run, so torch.compile's guards on it hold and its graphs are reused."""
+
+    def override_chaining(current: Callable | None) -> Callable:
+        if not overrides or overrides[0].previous is not current:
+            overrides[:] = [make_override(current, slot)]
+        return overrides[0]
+
     def fastattn_outer_sample(executor, *args, **kwargs):
         import comfy.model_patcher
 
@@ -31,8 +41,8 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
                 run = config.start_run(args[3], tuple(args[0].shape))
                 options[RUN_KEY] = run
                 current = options.get(OVERRIDE_KEY)
-                if config.geometry.attach == OVERRIDE and not is_ours(current):
-                    options[OVERRIDE_KEY] = make_override(current, slot)
+                if config.geometry.attach == OVERRIDE and run.hooks_attention and not is_ours(current):
+                    options[OVERRIDE_KEY] = override_chaining(current)
             return executor(*args, **kwargs)
         finally:
             if run is not None:
@@ -49,10 +59,45 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         run: Run | None = (transformer_options or {}).get(RUN_KEY)
         if run is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        slot.current = run.begin_call(x, t, c_crossattn, transformer_options, kwargs)
-        try:
+        call = run.begin_call(x, t, c_crossattn, transformer_options, kwargs)
+        if not run.hooks_attention:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        slot.current = call
+        try:
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             slot.current = None
+        check_reached(call, transformer_options)
+        return out
 
     return fastattn_apply_model
+
+
+class StaleCompiledGraphError(RuntimeError):
+    """A torch.compile'd graph traced without FastAttn's hooks ran a FastAttn model call."""
+
+
+def check_reached(call: ModelCall, options: dict) -> None:
+    """Refuse a model call of a torch.compile'd model in which no attention call reached the
+    pack although its image self-attention should have: it ran FULL, silently.
+
+    ComfyUI's TorchCompileModel (0.29.0; ``guard_filter_fn`` in ``nodes_torch_compile.py``)
+    tells dynamo not to guard on transformer_options, where the attention override lives, and
+    dynamo keeps compiled graphs per code object and equal backend. So graphs compiled before
+    Apply FastAttn was added (or from a run without it) are reused by a FastAttn run without
+    ever calling the override. Dropping them makes the next run compile with the hooks."""
+    if call.layers_seen or call.grid is None:
+        return
+    import comfy.patcher_extension
+    import torch
+
+    if COMPILE_WRAPPER_KEY not in options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
+        return
+
+    torch.compiler.reset()
+    raise StaleCompiledGraphError(
+        "FastAttn: this torch.compile'd model ran a graph compiled without FastAttn (ComfyUI's "
+        "TorchCompileModel does not recompile when only attention patches change), so the plan "
+        "was not applied. FastAttn has cleared torch.compile's cache: queue the prompt again "
+        "(the model compiles once more, with FastAttn)."
+    )
