@@ -10,8 +10,8 @@ Each is sampled once to warm up (for the compiled ones: the compilation; timed o
 ``--repeats`` times; the table gives medians and ratios against compiled sampling without the
 pack. Every compiled way starts from an empty dynamo cache: ComfyUI 0.29.0's TorchCompileModel
 does not guard on transformer_options, so graphs compiled for one way would be reused by the
-next (the pack refuses such a run, see ``wrappers.check_reached``), and the ways cannot be
-interleaved. Every FastAttn run's statistics are checked: the compressing plan
+next (the pack detects such a call and recompiles, see ``wrappers.ran_stale_graph``, which
+would charge a compilation to the timed runs), and the ways cannot be interleaved. Every FastAttn run's statistics are checked: the compressing plan
 must have computed windows, reused outputs and shared CFG rows (not silently run FULL), and the
 all-FULL plan nothing of the kind. torch._dynamo's counters give the graph breaks and
 recompilations.

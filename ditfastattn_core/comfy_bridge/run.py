@@ -164,6 +164,11 @@ class ModelCall:
     layers_done: set[int] = field(default_factory=set)
     contexts: dict[int, CallContext | None] = field(default_factory=dict)
 
+    def restart(self) -> None:
+        """The model call runs again from its first layer (nothing reached the engine yet)."""
+        self.layers_seen = 0
+        self.layers_done.clear()
+
     def context(self, seq_len: int) -> CallContext | None:
         """The engine's context for this call's self-attention over ``seq_len`` tokens (built
         once per token count); None where those tokens are not the image's (a text refiner)."""

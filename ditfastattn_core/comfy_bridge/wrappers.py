@@ -3,8 +3,8 @@
 OUTER_SAMPLE creates the run from the installed config on a per-run copy of the model
 options, attaches the attention override there (outermost, chaining whatever override the
 graph set, also one set after Apply), and frees everything in ``finally``. APPLY_MODEL starts
-each model call and puts it in the ``CallSlot`` where the attention hooks find it, and refuses
-a compiled model call that never reached the hooks (``check_reached``).
+each model call and puts it in the ``CallSlot`` where the attention hooks find it, and runs a
+compiled model call that never reached the hooks again, recompiled (``ran_stale_graph``).
 """
 
 from __future__ import annotations
@@ -65,39 +65,43 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         slot.current = call
         try:
             out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            if ran_stale_graph(call, transformer_options):
+                import torch
+
+                run.report("stale_graph", "this torch.compile'd model had graphs compiled without FastAttn (ComfyUI's "
+                           "TorchCompileModel does not recompile when only attention patches change): FastAttn "
+                           "dropped torch.compile's cache and ran the model call again, which compiles it with "
+                           "FastAttn once")
+                torch.compiler.reset()
+                call.restart()
+                out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+                if ran_stale_graph(call, transformer_options):
+                    raise StaleCompiledGraphError(
+                        "FastAttn: this torch.compile'd model runs a graph that never calls FastAttn's attention "
+                        "hooks, even after recompiling, so the plan cannot be applied: put Apply FastAttn after "
+                        "TorchCompileModel, or sample without TorchCompileModel")
         finally:
             slot.current = None
-        check_reached(call, transformer_options)
         return out
 
     return fastattn_apply_model
 
 
 class StaleCompiledGraphError(RuntimeError):
-    """A torch.compile'd graph traced without FastAttn's hooks ran a FastAttn model call."""
+    """A torch.compile'd model whose graphs never call FastAttn's hooks, even after recompiling."""
 
 
-def check_reached(call: ModelCall, options: dict) -> None:
-    """Refuse a model call of a torch.compile'd model in which no attention call reached the
-    pack although its image self-attention should have: it ran FULL, silently.
+def ran_stale_graph(call: ModelCall, options: dict) -> bool:
+    """Whether a model call of a torch.compile'd model ran without any attention call reaching
+    the pack although its image self-attention should have (it ran FULL, silently).
 
     ComfyUI's TorchCompileModel (0.29.0; ``guard_filter_fn`` in ``nodes_torch_compile.py``)
     tells dynamo not to guard on transformer_options, where the attention override lives, and
     dynamo keeps compiled graphs per code object and equal backend. So graphs compiled before
     Apply FastAttn was added (or from a run without it) are reused by a FastAttn run without
-    ever calling the override. Dropping them makes the next run compile with the hooks."""
+    ever calling the override; dropping them and calling again compiles with the hooks."""
     if call.layers_seen or call.grid is None:
-        return
+        return False
     import comfy.patcher_extension
-    import torch
 
-    if COMPILE_WRAPPER_KEY not in options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}):
-        return
-
-    torch.compiler.reset()
-    raise StaleCompiledGraphError(
-        "FastAttn: this torch.compile'd model ran a graph compiled without FastAttn (ComfyUI's "
-        "TorchCompileModel does not recompile when only attention patches change), so the plan "
-        "was not applied. FastAttn has cleared torch.compile's cache: queue the prompt again "
-        "(the model compiles once more, with FastAttn)."
-    )
+    return COMPILE_WRAPPER_KEY in options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {})
