@@ -56,23 +56,28 @@ def load_pack() -> dict:
 
 def pixart_sigma_xl(depth: int):
     """PixArt-Sigma-XL's width (1152 hidden, 16 heads x 72, T5 text) at reduced depth."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
-    import torch
 
     cfg = {"image_model": "pixart_sigma", "patch_size": 2, "num_heads": 16, "hidden_size": 1152,
            "in_channels": 4, "depth": depth, "caption_channels": 4096, "model_max_length": 300,
            "micro_condition": False, "pe_interpolation": 2.0}
-    mc = comfy.supported_models.PixArtSigma(cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
+    return random_weights(comfy.supported_models.PixArtSigma(cfg))
+
+
+def random_weights(model_config, buffers: tuple[str, ...] = ()):
+    """A ModelPatcher of ``model_config``'s model in fp32 with N(0, 0.02) weights (seed 0), and
+    the named buffers too (speed does not depend on the values)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    load = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load, torch.device("cpu"))
+        for t in [*model.parameters(), *(model.get_buffer(name) for name in buffers)]:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(), torch.device("cpu"))
 
 
 def text_cond(seed: int, tokens: int = 120, dim: int = 4096):

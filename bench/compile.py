@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from comfy_setup import import_comfy
+from comfy_setup import import_comfy, random_weights
 
 CFG = 4.5
 SAMPLER, SCHEDULER = "euler", "normal"
@@ -69,10 +69,7 @@ class RunStats(logging.Handler):
 def sd3_shaped(depth: int, size: int):
     """SD3's MMDiT at ``depth`` (hidden 64 x depth, depth heads of 64), random weights, sized for a
     ``size``^2 image (``size`` / 16 tokens a side)."""
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
-    import torch
 
     side = size // 16
     cfg = {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16,
@@ -80,15 +77,7 @@ def sd3_shaped(depth: int, size: int):
            "context_embedder_config": {"target": "torch.nn.Linear",
                                        "params": {"in_features": 256, "out_features": 64 * depth}},
            "num_patches": side * side, "pos_embed_max_size": side, "x_block_self_attn_layers": []}
-    mc = comfy.supported_models.SD3(cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        model.diffusion_model.pos_embed.copy_(torch.randn(model.diffusion_model.pos_embed.shape, generator=g) * 0.02)
-    return comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(), torch.device("cpu"))
+    return random_weights(comfy.supported_models.SD3(cfg), buffers=("diffusion_model.pos_embed",))
 
 
 def conditioning(seed: int, tokens: int):
