@@ -47,13 +47,14 @@ class ApplyConfig:
     def describe_caches(self, latent_shape: tuple[int, ...] | None = None) -> str:
         """One line for the node: the peak cache memory at this latent's size and batch, else
         at the plan's calibration size and batch 1."""
-        if latent_shape is None:
-            estimate, where = self.plan.cache_estimate(dtype=self.dtype, placement=self.cache_placement), \
-                f"at the plan's size {_grid_text(self.plan.grid)}, batch 1"
-        else:
-            estimate, where = self.cache_estimate(latent_shape), f"for the latent {list(latent_shape)}"
         if self.plan.attention is None:
             return "caches: size unknown (the plan does not record its attention size: recalibrate to see it)"
+        if latent_shape is None:
+            estimate = self.plan.cache_estimate(dtype=self.dtype, placement=self.cache_placement)
+            where = f"at the plan's size {_grid_text(self.plan.grid)}, batch 1"
+        else:
+            estimate = self.cache_estimate(latent_shape)
+            where = f"for the latent {list(latent_shape)}"
         if estimate is None:
             return f"caches: size unknown for the latent {list(latent_shape)}"
         if not estimate.peak_bytes:
