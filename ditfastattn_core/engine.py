@@ -135,7 +135,7 @@ def attend(
         out = call.dense(qh, kh, vh)
     else:
         out = _execute(call, strategy)
-        if skip_output_reshape and call.keeps_output():
+        if skip_output_reshape and call.keeps_output() and not state.keeps_copies:
             out = out.clone()  # the caller gets its own tensor; the cached one stays intact
     return from_heads(out, skip_output_reshape)
 
@@ -174,7 +174,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
             prev = state.previous_output(step, c.cache_key(layer), call.shape(c))
             if prev is not None:
                 reused.add(i)
-                call.out[i] = prev.clone()
+                call.out[i] = prev if state.keeps_copies else prev.clone()
                 continue
             state.miss("ast_miss")
         elif base.compute is Compute.WINDOW:

@@ -77,6 +77,12 @@ class RunState:
     device: torch.device | None = None
     """The compute device the caches come from and are read on (with ``CachePlacement.CPU``)."""
 
+    @property
+    def keeps_copies(self) -> bool:
+        """Writes keep their own copy and reads hand out a fresh tensor (caches in CPU memory),
+        so callers need not clone what they store or read."""
+        return self.placement is CachePlacement.CPU
+
     # --- what to keep ---------------------------------------------------------------------
     def keeps_residual(self, step: int, layer: int, branch: int) -> bool:
         if self.schedule is None:
@@ -107,9 +113,9 @@ class RunState:
         return self._fetch(entry.tensor)
 
     def previous_output(self, step: int, key: Key, shape: torch.Size) -> torch.Tensor | None:
-        """This layer's output of the step right before ``step`` (AST), else None. With
-        caches on the device this is the kept tensor itself: a caller that hands it on
-        must clone it."""
+        """This layer's output of the step right before ``step`` (AST), else None. Unless
+        ``keeps_copies``, this is the kept tensor itself: a caller that hands it on must
+        clone it."""
         tensor = self.outputs.get(key, {}).get(step - 1)
         if tensor is None or tensor.shape != shape:
             return None

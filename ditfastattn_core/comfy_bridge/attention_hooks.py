@@ -242,7 +242,9 @@ def reused_module_output(call: ModelCall, layer: int, ctx: CallContext, shape: t
         call.state.count("reuse")
         if keep:
             call.state.carry_output(call.step, r.cache_key(layer))  # kept once for both steps
-    return outs[0].clone() if len(outs) == 1 else torch.cat(outs)
+    if len(outs) > 1:
+        return torch.cat(outs)
+    return outs[0] if call.state.keeps_copies else outs[0].clone()
 
 
 def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch.Tensor) -> torch.Tensor:
@@ -256,7 +258,7 @@ def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch
         if not (shared and c.branch == UNCOND and call.state.alias_output(call.step, c.cache_key(layer),
                                                                           conds[0].cache_key(layer))):
             call.state.put_output(call.step, c.cache_key(layer), out[c.rows])
-    return out.clone()
+    return out if call.state.keeps_copies else out.clone()
 
 
 MODULE_FORWARDS: dict[str, Callable[[torch.nn.Module, CallSlot, int], Callable]] = {

@@ -14,6 +14,7 @@ from ditfastattn_core import (
     PlanError,
     RunState,
     Schedule,
+    Strategy,
     TokenLayout,
     WindowSpec,
     attend,
@@ -175,3 +176,21 @@ def test_plans_without_attention_size_load_and_estimate_nothing():
 def test_plan_attention_size_is_validated(tokens, message):
     with pytest.raises(PlanError, match=message.replace("[", r"\[")):
         Plan.from_json(_plan(**tokens))
+
+
+@pytest.mark.parametrize("placement", list(CachePlacement))
+def test_a_caller_writing_into_its_output_cannot_reach_the_cache(placement):
+    """The model may reuse the attention output's buffer: with or without copies kept in CPU
+    memory, the output handed to the caller is never the tensor the next step reuses."""
+    state = RunState(Schedule.from_letters(["F", "T", "T"]), placement)
+    tokens = TokenLayout.image_only(GRID)
+    q, k, v = (torch.randn(2, HEADS, tokens.seq_len, HEAD_DIM, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    outs = []
+    for step, strategy in enumerate("FTT"):
+        state.begin_step(step)
+        out = attend(q, k, v, Strategy.from_letter(strategy), 0, CallContext(step, (0, 1), tokens, BAND), state)
+        outs.append(out.clone())
+        out.mul_(0.0)  # the caller reuses its buffer
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
