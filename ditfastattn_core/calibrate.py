@@ -88,7 +88,7 @@ class Availability:
             return False
         if strategy.reads_previous_output and self.last_written_step != step - 1:
             return False
-        if strategy.uses_window and layer not in self.refreshed:
+        if strategy.reads_window_residual and layer not in self.refreshed:
             return False
         return True
 
@@ -128,6 +128,16 @@ class Calibrator:
     def feedback(self, step: int, loss: float) -> None:
         """The whole-output loss of ``step``'s written row against its all-FULL reference."""
         self.losses[step] = loss
+
+    def residual_source(self, step: int, layer: int) -> int:
+        """The step whose window residual a window strategy of ``layer`` at ``step`` reads, as
+        the finished plan will say (steps that never ran are FULL there): its last earlier step
+        that refreshes it; -1 if none."""
+        for earlier in range(step - 1, -1, -1):
+            row = self.rows.get(earlier)
+            if row is None or row[layer].refreshes_residual:
+                return earlier
+        return -1
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: CallContext,
                   state: RunState, dense: DenseFn, **layout) -> torch.Tensor:

@@ -74,7 +74,7 @@ class Schedule:
                 out.append(f"layer {layer} uses AST at step 0 (there is no previous step)")
             for step in range(self.steps):
                 s = self.rows[step][layer]
-                if s.uses_window and self._source[(step, layer)] < 0:
+                if s.reads_window_residual and self._source[(step, layer)] < 0:
                     out.append(
                         f"layer {layer} uses {s.name} at step {step} before any FULL step "
                         "(no residual exists yet)"
@@ -83,8 +83,9 @@ class Schedule:
         return out
 
     def reads_residual_later(self, step: int, layer: int, branch: int) -> bool:
-        """Does a later step read this layer's ``branch`` residual before its next FULL?"""
-        return self._reads_later.get((step, layer, branch), False)
+        """Does a later step read this layer's ``branch`` residual before its next FULL? (A
+        guider's extra conds, branch 2+, read theirs as the conditional branch does.)"""
+        return self._reads_later.get((step, layer, UNCOND if branch == UNCOND else COND), False)
 
     def reads_residual_from(self, step: int, layer: int, branch: int) -> bool:
         """Does ``step`` or a later step read this layer's ``branch`` residual (before the

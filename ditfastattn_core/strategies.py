@@ -131,6 +131,11 @@ class Strategy(enum.Enum):
         return self.compute is Compute.WINDOW
 
     @property
+    def reads_window_residual(self) -> bool:
+        """Adds the residual ``full - window`` cached at the layer's last FULL step (WA-RS)."""
+        return Cache.RESIDUAL in self.reads
+
+    @property
     def refreshes_residual(self) -> bool:
         """A FULL step: residuals read later are computed here."""
         return Cache.RESIDUAL in self.writes
@@ -147,9 +152,10 @@ class Strategy(enum.Enum):
         return next(s for s in Strategy if s.compute is self.compute and not s.shares_cfg)
 
     def reads_residual(self, branch: int) -> bool:
-        """Whether this strategy reads the window residual of CFG branch ``branch`` (0 = cond):
-        a sharing strategy computes, and so reads, the conditional rows only."""
-        return Cache.RESIDUAL in self.reads and (branch == COND or not self.shares_cfg)
+        """Whether this strategy reads the window residual of CFG branch ``branch`` (0 = cond,
+        1 = uncond, 2+ = a guider's extra conds): a sharing strategy copies the unconditional
+        rows, so it computes, and reads, every other branch's."""
+        return self.reads_window_residual and (branch != UNCOND or not self.shares_cfg)
 
     def cost(self, window_fraction: float, has_cfg: bool) -> float:
         """Attention FLOPs of one layer call (1.0 = dense), per batch of both CFG branches.
