@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
 
 from .kernels import WindowKernel, select_kernel
-from .state import Key
-from .strategies import COND, UNCOND
+from .state import PLAIN_SITE, CacheKey
+from .strategies import COND
 from .window import TokenLayout, Window, WindowSpec
 
 
 @dataclass(frozen=True)
 class Chunk:
     """Rows ``rows`` of the batch belong to CFG ``branch``; ``occurrence`` tells apart
-    several chunks of one branch (several conds in one call)."""
+    several chunks of one branch (several conds in one call); ``cond`` names the cond where
+    the caller knows it (ComfyUI's uuid), ``site`` the model call site."""
 
     branch: int
     occurrence: int
     rows: slice
+    site: Hashable = PLAIN_SITE
+    cond: Hashable | None = None
 
-    def cache_key(self, layer: int) -> Key:
-        """Where this chunk's caches of ``layer`` live in the run's ``RunState``."""
-        return (layer, self.branch, self.occurrence)
+    def cache_key(self, layer: int) -> CacheKey:
+        """Where this chunk's caches of ``layer`` live in the run's ``RunState``: its own call
+        site and cond, so no other model call of a step reads or overwrites them."""
+        return CacheKey(layer, self.branch, self.site, self.occurrence if self.cond is None else self.cond)
 
     @property
     def size(self) -> int:
@@ -46,6 +51,12 @@ class CallContext:
     kernel:         window kernel name, or "auto".
     module_outputs: the caller keeps and reuses the attention module's whole output for AST
                     (projections included), so the engine keeps no attention outputs.
+    site:           the model call site (a context window, a guidance call): caches are kept
+                    and read per site.
+    conds:          an identity per chunk (ComfyUI's cond uuids), or None.
+    cfg_pair:       the chunks' branches are a CFG pair (0 = positive, 1 = negative), so CFG
+                    sharing may copy one to the other; False for guiders whose cond lists mean
+                    something else (Dual CFG's [negative, middle, positive]).
     """
 
     step: int | None
@@ -54,15 +65,20 @@ class CallContext:
     window: WindowSpec = WindowSpec()
     kernel: str = "auto"
     module_outputs: bool = False
+    site: Hashable = PLAIN_SITE
+    conds: tuple[Hashable, ...] | None = None
+    cfg_pair: bool = True
     _kernels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """The window kernel chosen per (device, dtype, head dim)."""
 
     def __post_init__(self) -> None:
         if not self.cond_or_uncond:
             raise ValueError("cond_or_uncond must name at least one chunk")
-        bad = [b for b in self.cond_or_uncond if b not in (COND, UNCOND)]
+        bad = [b for b in self.cond_or_uncond if not isinstance(b, int) or b < 0]
         if bad:
-            raise ValueError(f"cond_or_uncond holds unknown branch values {bad} (0 = cond, 1 = uncond)")
+            raise ValueError(f"cond_or_uncond holds invalid branch values {bad} (0 = cond, 1 = uncond, 2+ = extra conds)")
+        if self.conds is not None and len(self.conds) != len(self.cond_or_uncond):
+            raise ValueError(f"{len(self.conds)} cond identities for {len(self.cond_or_uncond)} chunks")
 
     @functools.cached_property
     def bound_window(self) -> Window:
@@ -92,5 +108,6 @@ class CallContext:
         for i, branch in enumerate(self.cond_or_uncond):
             occ = seen.get(branch, 0)
             seen[branch] = occ + 1
-            out.append(Chunk(branch, occ, slice(i * size, (i + 1) * size)))
+            cond = None if self.conds is None else self.conds[i]
+            out.append(Chunk(branch, occ, slice(i * size, (i + 1) * size), self.site, cond))
         return out

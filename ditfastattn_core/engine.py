@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .context import CallContext, Chunk
-from .state import RunState
-from .strategies import COND, UNCOND, Compute, Strategy
+from .state import CacheKey, RunState
+from .strategies import COND, UNCOND, Cache, Compute, Strategy
 
 DenseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Dense attention on (B, H, L, D) tensors; the caller binds scale, masks and backend."""
@@ -147,43 +147,32 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
         call.window()  # shape errors surface before anything is computed
 
     # 1. CFG sharing: which unconditional chunks copy a conditional output.
-    copy_from: dict[int, Chunk | torch.Tensor] = {}
-    if strategy.shares_cfg:
-        conds = [c for c in chunks if c.branch == COND]
-        unconds = [i for i, c in enumerate(chunks) if c.branch == UNCOND]
-        if len(conds) == 1 and unconds:
-            for i in unconds:
-                copy_from[i] = conds[0]
-        elif not conds and len(unconds) == 1:
-            shared = state.shared(step, layer, call.shape(chunks[unconds[0]]))
-            if shared is not None:
-                copy_from[unconds[0]] = shared
-            else:
-                state.miss("asc_miss")
-        base = strategy.without_cfg_sharing
-    else:
-        base = strategy
+    copy_from = cfg_sources(strategy, layer, call.ctx, chunks, state, (*call.q.shape[1:3], call.v.shape[-1]),
+                            count=True)
+    base = strategy.without_cfg_sharing
 
     # 2. What each remaining chunk computes (the strategy's ``Compute``): the cached output,
-    #    window + residual, or dense; a missing cache falls back to dense.
+    #    window (+ residual, where the strategy reads one), or dense; a missing cache falls
+    #    back to dense, counted under its reason.
     dense_chunks, window_chunks, residuals, reused = [], [], {}, set()
     for i, c in enumerate(chunks):
         if i in copy_from:
             continue
+        key = c.cache_key(layer)
         if base.compute is Compute.REUSE:
-            prev = state.previous_output(step, c.cache_key(layer), call.shape(c))
+            prev = state.previous_output(step, key, call.shape(c))
             if prev is not None:
                 reused.add(i)
                 call.out[i] = prev if state.keeps_copies else prev.clone()
                 continue
-            state.miss("ast_miss")
+            state.miss_cache(Cache.OUTPUT, step, key)
         elif base.compute is Compute.WINDOW:
-            r = state.residual(step, c.cache_key(layer), call.shape(c))
-            if r is not None:
+            r = state.residual(step, key, call.shape(c)) if base.reads_window_residual else None
+            if r is not None or not base.reads_window_residual:
                 window_chunks.append(i)
                 residuals[i] = r
                 continue
-            state.miss("residual_miss")
+            state.miss_cache(Cache.RESIDUAL, step, key)
         elif base.compute is not Compute.DENSE:
             raise NotImplementedError(f"the engine has no computation for {base.compute}")
         dense_chunks.append(i)
@@ -197,35 +186,73 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     for i, w in zip(refresh, call.run([chunks[i] for i in refresh], call.window_fn, result=False), strict=True):
         state.put_residual(step, chunks[i].cache_key(layer), call.out[i] - w)
     for i, w in zip(window_chunks, call.run([chunks[i] for i in window_chunks], call.window_fn), strict=True):
-        # w is the kernel's fresh output: add in place, unless autograd may be recording
-        # (it refuses in-place writes on the split views it tracks)
-        call.out[i] = w + residuals[i] if torch.is_grad_enabled() else w.add_(residuals[i])
+        r = residuals[i]
+        if r is None:
+            call.out[i] = w
+        else:
+            # w is the kernel's fresh output: add in place, unless autograd may be recording
+            # (it refuses in-place writes on the split views it tracks)
+            call.out[i] = w + r if torch.is_grad_enabled() else w.add_(r)
     for i, src in copy_from.items():
-        call.out[i] = call.out[chunks.index(src)] if isinstance(src, Chunk) else src
+        call.out[i] = call.out[chunks.index(src)] if isinstance(src, Chunk) else src[0]
 
     # 4. Publish for a separate unconditional call, keep outputs a later AST step reads.
-    if strategy.shares_cfg and all(c.branch == COND for c in chunks) and len(chunks) == 1:
-        state.publish_cond(step, layer, call.out[0])
+    if strategy.shares_cfg and call.ctx.cfg_pair and len(chunks) == 1 and chunks[0].branch == COND:
+        state.publish_cond(step, chunks[0].cache_key(layer), call.out[0])
     if call.keeps_output():
-        _keep_outputs(call, copy_from, reused)
+        _keep(state, step, layer, chunks, call.out, copy_from, reused)
     for i in range(len(chunks)):
         state.count(_action(i, copy_from, window_chunks, dense_chunks))
     return call.assemble()
 
 
-def _keep_outputs(call: _Call, copy_from: dict[int, Chunk | torch.Tensor], reused: set[int]) -> None:
+Source = Chunk | tuple[torch.Tensor, CacheKey]
+"""Where an unconditional chunk's output comes from under CFG sharing: the call's conditional
+chunk, or the output (and key) a separate conditional call of the same site published."""
+
+
+def cfg_sources(strategy: Strategy, layer: int, ctx: CallContext, chunks: list[Chunk], state: RunState,
+                row_shape: tuple[int, ...] | None, count: bool = False) -> dict[int, Source]:
+    """The one rule of CFG sharing (ASC): per unconditional chunk index, the conditional output
+    it copies. Only in a call whose chunks are a CFG pair; from the call's single conditional
+    chunk, else from a separate conditional call of the same call site at this step.
+    ``row_shape``: one row's attention output shape (None: any; the module-output keeper
+    asks only where the shared output came from). ``count``: count what cannot be shared (the
+    computing call does; the module-output keeper asks the same question again)."""
+    if not strategy.shares_cfg:
+        return {}
+    if not ctx.cfg_pair:
+        if count:
+            state.count("asc_not_cfg_pair")
+        return {}
+    conds = [c for c in chunks if c.branch == COND]
+    unconds = [i for i, c in enumerate(chunks) if c.branch == UNCOND]
+    if len(conds) == 1 and unconds:
+        return {i: conds[0] for i in unconds}
+    if not conds and len(unconds) == 1:
+        i = unconds[0]
+        shape = None if row_shape is None else torch.Size((chunks[i].size, *row_shape))
+        shared = state.shared(ctx.step, layer, ctx.site, shape)
+        if shared is not None:
+            return {i: shared}
+        if count:
+            state.miss_cache(Cache.SHARED_COND, ctx.step, chunks[i].cache_key(layer))
+    return {}
+
+
+def _keep(state: RunState, step: int, layer: int, chunks: list[Chunk], outs: list[torch.Tensor],
+          copy_from: dict[int, Source], reused: set[int]) -> None:
     """Keep each chunk's output for the next step's AST, each tensor once: a reused output
     stays the previous step's entry, a copied unconditional output is the conditional's."""
-    state, step, layer, chunks = call.state, call.step, call.layer, call.chunks
     for i, c in enumerate(chunks):
         if i in reused:
             state.carry_output(step, c.cache_key(layer))
         elif i not in copy_from:
-            state.put_output(step, c.cache_key(layer), call.out[i])
+            state.put_output(step, c.cache_key(layer), outs[i])
     for i, src in copy_from.items():
-        source = src.cache_key(layer) if isinstance(src, Chunk) else (layer, COND, 0)  # a separate cond call's
+        source = src.cache_key(layer) if isinstance(src, Chunk) else src[1]
         if not state.alias_output(step, chunks[i].cache_key(layer), source):
-            state.put_output(step, chunks[i].cache_key(layer), call.out[i])
+            state.put_output(step, chunks[i].cache_key(layer), outs[i])
 
 
 def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:
@@ -236,3 +263,41 @@ def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:
     if i in dense_chunks:
         return "dense"
     return "reuse"
+
+
+# --- module outputs: callers that own the whole attention module (PixArt) -----------------
+# AST then reuses the module's output (projections included); the rules of what is kept and
+# read are the engine's own (``_keep``, ``cfg_sources``), applied to module outputs.
+
+
+def reuse_module_output(strategy: Strategy, layer: int, ctx: CallContext, state: RunState,
+                        shape: torch.Size) -> torch.Tensor | None:
+    """AST served before the module computes anything: this layer's module output of the
+    previous step for every chunk, else None (the module then computes the layer, and the
+    engine counts the miss)."""
+    if not ctx.module_outputs or ctx.step is None or not strategy.reads_previous_output:
+        return None
+    chunks = ctx.chunks(shape[0])
+    outs = [state.previous_output(ctx.step, c.cache_key(layer), torch.Size((c.size, *shape[1:]))) for c in chunks]
+    if any(o is None for o in outs):
+        return None
+    keep = state.keeps_output(ctx.step, layer)  # AST again at the next step
+    for c in chunks:
+        state.count("reuse")
+        if keep:
+            state.carry_output(ctx.step, c.cache_key(layer))  # kept once for both steps
+    if len(outs) > 1:
+        return torch.cat(outs)
+    return outs[0] if state.keeps_copies else outs[0].clone()
+
+
+def keep_module_output(strategy: Strategy, layer: int, ctx: CallContext, state: RunState,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Keep the module output a later AST step reuses, by the engine's rules (a copied
+    unconditional output is kept as the conditional's); the caller gets its own tensor."""
+    if not ctx.module_outputs or ctx.step is None or not state.keeps_output(ctx.step, layer):
+        return out
+    chunks = ctx.chunks(out.shape[0])
+    copy_from = cfg_sources(strategy, layer, ctx, chunks, state, None)
+    _keep(state, ctx.step, layer, chunks, [out[c.rows] for c in chunks], copy_from, set())
+    return out if state.keeps_copies else out.clone()

@@ -2,9 +2,14 @@
 the unconditional branch.
 
 One ``RunState`` lives for one sampling run (the sampler hook creates it and calls
-``reset()`` in ``finally``). Entries are keyed per (layer, CFG branch, occurrence) and hold
-all sample rows of that chunk; every entry records the step that wrote it, so a reader can
-tell a valid entry from a stale one (a skipped model call, another sample, another step).
+``reset()`` in ``finally``). Entries are keyed per ``CacheKey``: the layer, the CFG branch, the
+*call site* (which model call of a step wrote it: a context window's frames, a guidance call's
+purpose) and the cond (ComfyUI's cond uuid, else the chunk's occurrence in its call); each
+holds all sample rows of that chunk. A call reads only what the same call site and cond kept,
+never another window's or another guidance call's tensors. Every entry records the step that
+wrote it, so a reader can tell a valid entry from a stale one (a skipped model call, another
+sample, another step), and the state records which call sites ran at each step, so a miss is
+counted under its reason (``miss_reason``).
 
 A step may hold several model calls (heun's corrector and dpmpp_2s_ancestral's second
 evaluation land on the next step's sigma), and each of them must find what its strategy
@@ -27,16 +32,31 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .schedule import Schedule
-from .strategies import COND, UNCOND
+from .strategies import COND, UNCOND, Cache
 
-Key = tuple[int, int, int]
-"""(layer, branch, occurrence)"""
+PLAIN_SITE: Hashable = ()
+"""The call site of a model call that nothing distinguishes (no context window, no guidance)."""
+
+
+class CacheKey(NamedTuple):
+    """Where one chunk's cache of one layer lives."""
+
+    layer: int
+    branch: int
+    """ComfyUI's index of the chunk's cond list: 0 = cond, 1 = uncond, 2+ = a guider's extra conds."""
+    site: Hashable = PLAIN_SITE
+    """The model call site that computed it (opaque to the core; the sampler hook names it)."""
+    cond: Hashable = 0
+    """Which cond: its uuid where ComfyUI gives one, else its occurrence among the call's chunks."""
+
+
 
 
 class CachePlacement(enum.Enum):
@@ -56,14 +76,30 @@ class _Entry:
 
 
 @dataclass
+class _Shared:
+    """The conditional output one call site published at ``step`` for a separate unconditional
+    call; ``source`` None: two conds of that site published at the step, so there is no single
+    conditional output to share."""
+
+    step: int
+    tensor: torch.Tensor
+    source: CacheKey | None
+
+
+@dataclass
 class RunState:
     schedule: Schedule | None = None
     placement: CachePlacement = CachePlacement.DEVICE
-    residuals: dict[Key, _Entry] = field(default_factory=dict)
-    outputs: dict[Key, dict[int, torch.Tensor]] = field(default_factory=dict)
+    residuals: dict[CacheKey, _Entry] = field(default_factory=dict)
+    outputs: dict[CacheKey, dict[int, torch.Tensor]] = field(default_factory=dict)
     """Per key, the output stored at each step a call may still read (see ``begin_step``)."""
-    shared_cond: dict[int, _Entry] = field(default_factory=dict)
+    shared_cond: dict[tuple[int, Hashable], _Shared] = field(default_factory=dict)
+    """Per (layer, call site), the conditional output of this step."""
     stats: Counter = field(default_factory=Counter)
+    sites: dict[int, set[Hashable]] = field(default_factory=dict)
+    """The call sites that ran a model call at each step (see ``miss_reason``)."""
+    site_misses: Counter = field(default_factory=Counter)
+    """Per (miss name, call site): misses because that site did not run at the step read."""
     frozen: bool = False
     """While frozen (calibration trial forwards) nothing is written; reads still work."""
     misses: int = 0
@@ -76,6 +112,9 @@ class RunState:
     freed while a step runs)."""
     device: torch.device | None = None
     """The compute device the caches come from and are read on (with ``CachePlacement.CPU``)."""
+    residual_sources: Callable[[int, int], int] | None = None
+    """Without a schedule (calibration): the step whose residual a window strategy at (step,
+    layer) reads, as the finished plan will say, so that calibration reads what Apply will."""
 
     @property
     def keeps_copies(self) -> bool:
@@ -103,16 +142,26 @@ class RunState:
         )
 
     # --- reads ------------------------------------------------------------------------------
-    def residual(self, step: int, key: Key, shape: torch.Size) -> torch.Tensor | None:
+    def residual(self, step: int, key: CacheKey, shape: torch.Size) -> torch.Tensor | None:
         """The residual for WA_RS at ``step``: written at or after the plan's FULL step."""
         entry = self.residuals.get(key)
         if entry is None or entry.tensor.shape != shape or entry.step >= step:
             return None
-        if self.schedule is not None and entry.step < self.schedule.residual_source(step, key[0]):
+        source = self.residual_source(step, key.layer)
+        if source is not None and entry.step < source:
             return None
         return self._fetch(entry.tensor)
 
-    def previous_output(self, step: int, key: Key, shape: torch.Size) -> torch.Tensor | None:
+    def residual_source(self, step: int, layer: int) -> int | None:
+        """The FULL step whose residual a window strategy at ``step`` reads (-1: none yet;
+        None: any earlier one, where neither a schedule nor ``residual_sources`` says)."""
+        if self.schedule is not None:
+            return self.schedule.residual_source(step, layer)
+        if self.residual_sources is not None:
+            return self.residual_sources(step, layer)
+        return None
+
+    def previous_output(self, step: int, key: CacheKey, shape: torch.Size) -> torch.Tensor | None:
         """This layer's output of the step right before ``step`` (AST), else None. Unless
         ``keeps_copies``, this is the kept tensor itself: a caller that hands it on must
         clone it."""
@@ -121,23 +170,28 @@ class RunState:
             return None
         return self._fetch(tensor)
 
-    def shared(self, step: int, layer: int, shape: torch.Size) -> torch.Tensor | None:
-        """The conditional output published by a separate cond call at this very step."""
-        entry = self.shared_cond.get(layer)
-        if entry is None or entry.step != step or entry.tensor.shape != shape:
+    def shared(self, step: int, layer: int, site: Hashable,
+               shape: torch.Size | None) -> tuple[torch.Tensor, CacheKey] | None:
+        """The conditional output, and its key, published by a separate cond call of the same
+        call site at this very step; None if there is none, or several conds published one
+        (``shape`` None: of any shape)."""
+        entry = self.shared_cond.get((layer, site))
+        if entry is None or entry.step != step or entry.source is None:
             return None
-        return entry.tensor
+        if shape is not None and entry.tensor.shape != shape:
+            return None
+        return entry.tensor, entry.source
 
     # --- writes -----------------------------------------------------------------------------
-    def put_residual(self, step: int, key: Key, tensor: torch.Tensor) -> None:
+    def put_residual(self, step: int, key: CacheKey, tensor: torch.Tensor) -> None:
         if not self.frozen:
             self.residuals[key] = _Entry(step, self._keep(tensor))
 
-    def put_output(self, step: int, key: Key, tensor: torch.Tensor) -> None:
+    def put_output(self, step: int, key: CacheKey, tensor: torch.Tensor) -> None:
         if not self.frozen:
             self.outputs.setdefault(key, {})[step] = self._keep(tensor)
 
-    def alias_output(self, step: int, key: Key, source: Key) -> bool:
+    def alias_output(self, step: int, key: CacheKey, source: CacheKey) -> bool:
         """``key``'s output at ``step`` is ``source``'s (ASC: the unconditional rows copy the
         conditional ones): kept once for both. False if ``source`` kept nothing at ``step``."""
         tensor = self.outputs.get(source, {}).get(step)
@@ -147,16 +201,25 @@ class RunState:
             self.outputs.setdefault(key, {})[step] = tensor
         return True
 
-    def carry_output(self, step: int, key: Key) -> None:
+    def carry_output(self, step: int, key: CacheKey) -> None:
         """AST at ``step`` and again at the next: its output is the previous step's, kept
         once for both steps (no copy)."""
         per_step = self.outputs.get(key, {})
         if not self.frozen and step - 1 in per_step:
             per_step[step] = per_step[step - 1]
 
-    def publish_cond(self, step: int, layer: int, tensor: torch.Tensor) -> None:
-        if not self.frozen:
-            self.shared_cond[layer] = _Entry(step, tensor)
+    def publish_cond(self, step: int, key: CacheKey, tensor: torch.Tensor) -> None:
+        """A conditional-only call's output of ``key.layer`` for the separate unconditional call
+        of the same site at this step (a second cond of the site at the step makes it ambiguous)."""
+        if self.frozen:
+            return
+        slot = (key.layer, key.site)
+        entry = self.shared_cond.get(slot)
+        ambiguous = entry is not None and entry.step == step and entry.source not in (None, key)
+        if ambiguous or (entry is not None and entry.step == step and entry.source is None):
+            self.shared_cond[slot] = _Shared(step, tensor, None)
+        else:
+            self.shared_cond[slot] = _Shared(step, tensor, key)
 
     def count(self, what: str) -> None:
         if not self.frozen:
@@ -166,7 +229,38 @@ class RunState:
         self.misses += 1
         self.count(what)
 
+    def miss_cache(self, cache: Cache, step: int, key: CacheKey) -> str:
+        """Count a read of ``cache`` that found nothing at ``step``, under its reason; returns
+        the name it was counted under."""
+        name = f"{_MISS_PREFIX[cache]}_{self.miss_reason(cache, step, key)}"
+        self.miss(name)
+        if name.endswith("_no_site") and not self.frozen:
+            self.site_misses[(name, key.site)] += 1
+        return name
+
+    def miss_reason(self, cache: Cache, step: int, key: CacheKey) -> str:
+        """Why ``key`` found no ``cache`` entry at ``step``: ``skipped_step`` when no model call
+        ran at the step it reads (a step cache such as EasyCache skipped it), ``no_site`` when
+        calls ran there but none of this call site (context windows that shift between steps,
+        a guidance call that starts later), else ``miss`` (also where the caller records no
+        calls: ``note_call``)."""
+        if not self.sites or cache is Cache.SHARED_COND:
+            return "miss"
+        source = step - 1 if cache is Cache.OUTPUT else self.residual_source(step, key.layer)
+        if source is None:  # any earlier residual would do
+            earlier = [sites for s, sites in self.sites.items() if s < step]
+            return "no_site" if earlier and not any(key.site in sites for sites in earlier) else "miss"
+        if source < min(self.sites):
+            return "miss"  # before this run's first step (split sampling), or no FULL step yet
+        if source not in self.sites:
+            return "skipped_step"
+        return "no_site" if key.site not in self.sites[source] else "miss"
+
     # --- lifetime ---------------------------------------------------------------------------
+    def note_call(self, step: int, site: Hashable) -> None:
+        """A model call of ``site`` runs at ``step`` (what ``miss_reason`` tells misses by)."""
+        self.sites.setdefault(step, set()).add(site)
+
     def begin_step(self, step: int) -> None:
         """A model call of ``step`` starts. When it is the furthest step reached so far, free
         what no call of the step before it, or of a later one, reads: samplers look one step
@@ -184,11 +278,11 @@ class RunState:
             else:
                 del self.outputs[key]
         if self.schedule is not None:
-            dead = [k for k in self.residuals if not self.schedule.reads_residual_from(max(oldest, 0), k[0], k[1])]
+            dead = [k for k in self.residuals if not self.schedule.reads_residual_from(max(oldest, 0), k.layer, k.branch)]
             for key in dead:
                 del self.residuals[key]
-        for layer in [k for k, e in self.shared_cond.items() if e.step < oldest]:
-            del self.shared_cond[layer]
+        for slot in [k for k, e in self.shared_cond.items() if e.step < oldest]:
+            del self.shared_cond[slot]
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.placement is CachePlacement.DEVICE:
@@ -202,8 +296,8 @@ class RunState:
             return tensor
         return tensor.to(self.device, non_blocking=True, copy=True)
 
-    def _reads_output(self, step: int, key: Key) -> bool:
-        return self.schedule is None or self.schedule.next_is_ast(step, key[0])
+    def _reads_output(self, step: int, key: CacheKey) -> bool:
+        return self.schedule is None or self.schedule.next_is_ast(step, key.layer)
 
     @contextlib.contextmanager
     def read_only(self) -> Iterator[None]:
@@ -219,6 +313,8 @@ class RunState:
         self.outputs.clear()
         self.shared_cond.clear()
         self.stats.clear()
+        self.sites.clear()
+        self.site_misses.clear()
         self.frozen = False
         self.misses = 0
         self.step = None
@@ -232,3 +328,7 @@ class RunState:
         tensors = {id(t): t for per_step in self.outputs.values() for t in per_step.values()}
         tensors.update((id(e.tensor), e.tensor) for d in (self.residuals, self.shared_cond) for e in d.values())
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+_MISS_PREFIX = {Cache.OUTPUT: "ast", Cache.RESIDUAL: "residual", Cache.SHARED_COND: "asc"}
+"""The name a strategy's miss of each cache is counted under (``ast_miss``, ``residual_no_site``, ...)."""

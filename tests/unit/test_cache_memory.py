@@ -21,6 +21,7 @@ from ditfastattn_core import (
     estimate_cache_memory,
 )
 from ditfastattn_core.cache_memory import format_bytes
+from ditfastattn_core.state import CacheKey
 
 GRID = (6, 8)
 TEXT = 5
@@ -118,24 +119,24 @@ def test_cpu_placement_keeps_copies_and_hands_out_copies():
     it), and what it hands out is a fresh tensor on the compute device."""
     state = RunState(Schedule.from_letters(["F", "W", "T"]), CachePlacement.CPU)
     out = torch.randn(2, 3)
-    state.put_output(0, (0, 0, 0), out)
-    state.put_residual(0, (0, 0, 0), out)
-    kept = state.outputs[(0, 0, 0)][0]
+    state.put_output(0, CacheKey(0, 0), out)
+    state.put_residual(0, CacheKey(0, 0), out)
+    kept = state.outputs[CacheKey(0, 0)][0]
     assert kept.data_ptr() != out.data_ptr() and kept.device.type == "cpu"
     out.add_(1.0)  # the model reuses its buffer
-    got = state.previous_output(1, (0, 0, 0), out.shape)
+    got = state.previous_output(1, CacheKey(0, 0), out.shape)
     torch.testing.assert_close(got, out - 1.0)
     assert got.data_ptr() != kept.data_ptr() and got.device == state.device
-    residual = state.residual(1, (0, 0, 0), out.shape)
+    residual = state.residual(1, CacheKey(0, 0), out.shape)
     torch.testing.assert_close(residual, out - 1.0)
-    assert residual.data_ptr() != state.residuals[(0, 0, 0)].tensor.data_ptr()
+    assert residual.data_ptr() != state.residuals[CacheKey(0, 0)].tensor.data_ptr()
 
 
 def test_device_placement_keeps_the_tensor_itself():
     state = RunState(Schedule.from_letters(["F", "T"]))
     out = torch.randn(2, 3)
-    state.put_output(0, (0, 0, 0), out)
-    assert state.previous_output(1, (0, 0, 0), out.shape) is out
+    state.put_output(0, CacheKey(0, 0), out)
+    assert state.previous_output(1, CacheKey(0, 0), out.shape) is out
 
 
 # --- the plan records its attention size ------------------------------------------------------------

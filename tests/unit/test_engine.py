@@ -4,6 +4,7 @@ import torch
 from ditfastattn_core import CallContext, RunState, Schedule, Strategy, TokenLayout, WindowSpec, attend
 from ditfastattn_core.engine import sdpa_dense
 from ditfastattn_core.kernels import KERNELS
+from ditfastattn_core.state import CacheKey
 
 F, W, C, X, T = Strategy.FULL, Strategy.WA_RS, Strategy.ASC, Strategy.WA_RS_ASC, Strategy.AST
 GRID = (6, 8)
@@ -101,7 +102,7 @@ def test_wa_rs_asc_uses_the_conditional_residual():
     q1, k1, v1 = qkv(seed=1)
     state = RunState(Schedule.from_letters(["F", "X"]))
     attend(q0, k0, v0, F, 0, ctx(0, (1, 0)), state)
-    assert set(state.residuals) == {(0, 0, 0)}, "only the cond residual is read later"
+    assert set(state.residuals) == {CacheKey(0, 0)}, "only the cond residual is read later"
     out = attend(q1, k1, v1, X, 0, ctx(1, (1, 0)), state)
     w = WindowSpec().bind(LAYOUT)
     residual_cond = (dense(q0, k0, v0) - KERNELS["reference"](q0, k0, v0, w))[1:]
@@ -122,7 +123,7 @@ def test_ast_returns_the_previous_step_output():
     third = attend(q1, k1, v1, T, 0, ctx(2, (1, 0)), state)
     assert torch.equal(third, first)
     state.begin_step(3)
-    assert set(state.outputs) == {(0, 1, 0), (0, 0, 0)}, "kept while a call may come back to step 2"
+    assert set(state.outputs) == {CacheKey(0, 1), CacheKey(0, 0)}, "kept while a call may come back to step 2"
     state.begin_step(4)
     assert state.outputs == {}, "freed once no call of the step before the furthest one reads it"
 
@@ -166,15 +167,20 @@ def test_read_only_forwards_free_nothing_at_a_new_step():
     assert state.residuals and state.step == 0
 
 
-def test_ast_after_a_skipped_step_is_a_cache_miss():
+@pytest.mark.parametrize("record_calls", [False, True])
+def test_ast_after_a_skipped_step_is_a_cache_miss(record_calls):
     q, k, v = qkv()
     state = RunState(Schedule.from_letters(["F", "F", "T"]))
+    if record_calls:
+        state.note_call(0, ())
     attend(q, k, v, F, 0, ctx(0), state)
     # step 1's model call was skipped (a step cache): step 2 must not reuse step 0's output
     q2, k2, v2 = qkv(seed=5)
+    if record_calls:
+        state.note_call(2, ())
     out = attend(q2, k2, v2, T, 0, ctx(2), state)
     assert torch.equal(out, dense(q2, k2, v2))
-    assert state.stats["ast_miss"] == 1
+    assert state.stats["ast_skipped_step" if record_calls else "ast_miss"] == 1 and state.misses == 1
 
 
 def test_caches_are_allocated_only_when_the_plan_reads_them():
@@ -184,10 +190,10 @@ def test_caches_are_allocated_only_when_the_plan_reads_them():
     state.begin_step(0)
     attend(q, k, v, F, 0, ctx(0, (1, 0)), state)
     attend(q, k, v, F, 1, ctx(0, (1, 0)), state)
-    assert set(state.residuals) == {(1, 1, 0), (1, 0, 0)} and state.outputs == {}
+    assert set(state.residuals) == {CacheKey(1, 1), CacheKey(1, 0)} and state.outputs == {}
     state.begin_step(1)
     attend(q, k, v, F, 0, ctx(1, (1, 0)), state)
-    assert set(state.outputs) == {(0, 1, 0), (0, 0, 0)}, "layer 0 is AST at step 2"
+    assert set(state.outputs) == {CacheKey(0, 1), CacheKey(0, 0)}, "layer 0 is AST at step 2"
     attend(q, k, v, W, 1, ctx(1, (1, 0)), state)
     state.begin_step(3)
     assert state.residuals == {}, "no step from 2 on reads layer 1's residual"
