@@ -46,9 +46,17 @@ class CacheEstimate:
     entry_bytes: int
     """One cached tensor: one layer, one CFG branch."""
     placement: CachePlacement
+    windows: int | None = None
+    """Under context windows: the windows whose caches the peak holds (each keeps its own)."""
+    exact: bool = True
+    """False where the figure is an upper bound (context windows that shift between steps)."""
 
     def describe(self) -> str:
         where = "on the compute device" if self.placement is CachePlacement.DEVICE else "in CPU memory"
+        if self.windows is not None:
+            bound = "" if self.exact else "at most "
+            return (f"caches: peak {bound}{format_bytes(self.peak_bytes)} {where} for {self.windows} context "
+                    f"windows, each with caches of its own (up to {format_bytes(self.entry_bytes)} a tensor)")
         return (f"caches: peak {format_bytes(self.peak_bytes)} {where} after step {self.peak_step} "
                 f"({self.peak_bytes // max(self.entry_bytes, 1)} x {format_bytes(self.entry_bytes)})")
 

@@ -50,5 +50,5 @@ class ApplyFastAttn(io.ComfyNode):
         config = apply_config(model, plan, kernel=window_kernel, step_mode=step_matching,
                               cache_placement=CachePlacement(cache_placement))
         shape = tuple(latent["samples"].shape) if latent is not None else None
-        summary = f"{describe(plan)}\n{config.describe_caches(shape)}"
+        summary = f"{describe(plan)}\n{config.describe_caches(shape, model.model_options)}"
         return io.NodeOutput(install(model, config), ui=plan_ui(plan, summary))

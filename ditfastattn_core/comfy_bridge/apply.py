@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..plan import Plan
 from ..state import CachePlacement, RunState
 from ..steps import STRICT, StepMapper, check_step_mode
 from ..strategies import Strategy
+from .call_sites import context_windows
 from .families import Geometry
 from .install import install, model_geometry
 from .run import Run, check_window, log
@@ -34,9 +36,40 @@ class ApplyConfig:
     dtype: torch.dtype = torch.float16
     """The model's compute dtype: the caches hold it."""
 
-    def cache_estimate(self, latent_shape: tuple[int, ...]) -> CacheEstimate | None:
+    def cache_estimate(self, latent_shape: tuple[int, ...],
+                       model_options: Mapping[str, Any] | None = None) -> CacheEstimate | None:
         """The plan's peak cache memory when sampling this latent (batch and size); None
-        where the plan does not know its attention size or the latent cannot be placed."""
+        where the plan does not know its attention size or the latent cannot be placed.
+
+        Under context windows each window is a call site with caches of its own, at the
+        window's size: the estimate adds up the windows alive at two consecutive steps (a
+        step reads the previous one's), exact when the windows stay put (static schedules),
+        an upper bound when they shift."""
+        windows = context_windows(model_options or {}, tuple(latent_shape), self.plan.steps)
+        if windows is None:
+            return self._estimate_at(tuple(latent_shape))
+        dim = model_options["context_handler"].dim
+        per_window: dict[int, CacheEstimate | None] = {}
+        worst: CacheEstimate | None = None
+        for step in range(len(windows)):
+            alive = set(windows[step]) | set(windows[step - 1] if step else ())
+            total, entry, peak_step = 0, 0, 0
+            for frames in alive:
+                size = len(frames)
+                if size not in per_window:
+                    shape = list(latent_shape)
+                    shape[dim] = size
+                    per_window[size] = self._estimate_at(tuple(shape))
+                one = per_window[size]
+                if one is None:
+                    return None
+                total, entry, peak_step = total + one.peak_bytes, max(entry, one.entry_bytes), one.peak_step
+            if worst is None or total > worst.peak_bytes:
+                worst = CacheEstimate(total, peak_step, entry, self.cache_placement,
+                                      windows=len(alive), exact=all(w == windows[0] for w in windows))
+        return worst
+
+    def _estimate_at(self, latent_shape: tuple[int, ...]) -> CacheEstimate | None:
         try:
             grid = self.geometry.grid(self.geometry.latent_shape(tuple(latent_shape), {}))
         except ValueError:
@@ -44,16 +77,17 @@ class ApplyConfig:
         return self.plan.cache_estimate(grid, batch=latent_shape[0], dtype=self.dtype,
                                         placement=self.cache_placement)
 
-    def describe_caches(self, latent_shape: tuple[int, ...] | None = None) -> str:
-        """One line for the node: the peak cache memory at this latent's size and batch, else
-        at the plan's calibration size and batch 1."""
+    def describe_caches(self, latent_shape: tuple[int, ...] | None = None,
+                        model_options: Mapping[str, Any] | None = None) -> str:
+        """One line for the node: the peak cache memory at this latent's size and batch (and
+        its context windows), else at the plan's calibration size and batch 1."""
         if self.plan.attention is None:
             return "caches: size unknown (the plan does not record its attention size: recalibrate to see it)"
         if latent_shape is None:
             estimate = self.plan.cache_estimate(dtype=self.dtype, placement=self.cache_placement)
             where = f"at the plan's size {_grid_text(self.plan.grid)}, batch 1"
         else:
-            estimate = self.cache_estimate(latent_shape)
+            estimate = self.cache_estimate(latent_shape, model_options)
             where = f"for the latent {list(latent_shape)}"
         if estimate is None:
             return f"caches: size unknown for the latent {list(latent_shape)}"
@@ -61,8 +95,9 @@ class ApplyConfig:
             return "caches: none (the plan caches nothing)"
         return f"{estimate.describe()}, {where}"
 
-    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> ApplyRun:
-        return ApplyRun.start(self, sample_sigmas, latent_shape)
+    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
+                  model_options: Mapping[str, Any] | None = None) -> ApplyRun:
+        return ApplyRun.start(self, sample_sigmas, latent_shape, model_options)
 
 
 class ApplyRun(Run):
@@ -76,7 +111,8 @@ class ApplyRun(Run):
         self.estimate: CacheEstimate | None = None
 
     @classmethod
-    def start(cls, config: ApplyConfig, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> ApplyRun:
+    def start(cls, config: ApplyConfig, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
+              model_options: Mapping[str, Any] | None = None) -> ApplyRun:
         """The run, after checking what can be known before the first model call: the run's
         schedule against the plan's, the window against the latent."""
         plan = config.plan
@@ -87,7 +123,7 @@ class ApplyRun(Run):
         run = cls(config, StepMapper.for_run(plan.sigmas, sigmas, config.step_mode))
         if not run.steps.by_sigma:
             run.explain_schedule_mismatch(sigmas)
-        run.estimate = config.cache_estimate(latent_shape)
+        run.estimate = config.cache_estimate(latent_shape, model_options)
         if run.estimate is not None and run.estimate.peak_bytes:
             log.info("FastAttn %s", run.estimate.describe())
         return run

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..context import CallContext
-from ..strategies import COND, UNCOND
+from ..engine import keep_module_output, reuse_module_output
 from .families import OVERRIDE, Geometry, UnsupportedModelError
 from .run import ModelCall
 
@@ -54,6 +54,12 @@ def place_call(
     if ctx is None:
         return None  # text refiner
     run, geometry = call.run, call.run.geometry
+    if call.site.replaced and block.get("block_index") is None:
+        # blocks skipped in this call shift the count of attention calls: no safe layer
+        run.report("replaced_unkeyed", f"{geometry.label} calls that replace or skip blocks "
+                   f"({', '.join(call.site.replaced)}; e.g. skip-layer guidance) ran FULL: this model does not "
+                   "name its blocks to attention, so their layers cannot be placed once blocks are skipped")
+        return None
     layer = geometry.layer_of(block, call.layers_seen)
     call.layers_seen += 1
     if layer is None:
@@ -210,7 +216,8 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
         if placed is None:
             return original(x, mask=mask, HW=HW, block_id=block_id)
         layer, ctx = placed
-        reused = reused_module_output(call, layer, ctx, torch.Size((b, n, c)))
+        strategy = call.run.strategy(call.step, layer)
+        reused = reuse_module_output(strategy, layer, ctx, call.state, torch.Size((b, n, c)))
         if reused is not None:
             return reused
         q, k, v = module.qkv(x).reshape(b, n, 3, c).unbind(2)
@@ -222,43 +229,9 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
 
         out = call.run.attention(call, layer, ctx, q, k, v, dense, as_module_does, heads=heads,
                                  skip_reshape=False, skip_output_reshape=False)
-        return keep_module_output(call, layer, ctx, module.proj(out.view(b, n, c)))
+        return keep_module_output(strategy, layer, ctx, call.state, module.proj(out.view(b, n, c)))
 
     return forward
-
-
-def reused_module_output(call: ModelCall, layer: int, ctx: CallContext, shape: torch.Size) -> torch.Tensor | None:
-    """AST in a run that keeps module outputs: this layer's module output of the previous
-    step for every CFG chunk, else None (the engine then computes the layer and counts the
-    miss)."""
-    if not ctx.module_outputs or not call.run.strategy(call.step, layer).reads_previous_output:
-        return None
-    rows = ctx.chunks(shape[0])
-    outs = [call.state.previous_output(call.step, r.cache_key(layer), torch.Size((r.size, *shape[1:]))) for r in rows]
-    if any(o is None for o in outs):
-        return None
-    keep = call.state.keeps_output(call.step, layer)  # AST again at the next step
-    for r in rows:
-        call.state.count("reuse")
-        if keep:
-            call.state.carry_output(call.step, r.cache_key(layer))  # kept once for both steps
-    if len(outs) > 1:
-        return torch.cat(outs)
-    return outs[0] if call.state.keeps_copies else outs[0].clone()
-
-
-def keep_module_output(call: ModelCall, layer: int, ctx: CallContext, out: torch.Tensor) -> torch.Tensor:
-    """Keep the module output a later AST step reuses; the caller gets its own tensor."""
-    if not ctx.module_outputs or not call.state.keeps_output(call.step, layer):
-        return out
-    chunks = ctx.chunks(out.shape[0])
-    conds = [c for c in chunks if c.branch == COND]
-    shared = call.run.strategy(call.step, layer).shares_cfg and len(conds) == 1
-    for c in sorted(chunks, key=lambda c: c.branch):  # conditional first: ASC aliases it, as the engine does
-        if not (shared and c.branch == UNCOND and call.state.alias_output(call.step, c.cache_key(layer),
-                                                                          conds[0].cache_key(layer))):
-            call.state.put_output(call.step, c.cache_key(layer), out[c.rows])
-    return out if call.state.keeps_copies else out.clone()
 
 
 MODULE_FORWARDS: dict[str, Callable[[torch.nn.Module, CallSlot, int], Callable]] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,6 @@ from ..strategies import CANDIDATE_ORDER, Strategy
 from ..window import WindowSpec
 from .families import Geometry
 from .install import install, model_geometry
-from .keys import RUN_KEY
 from .run import ModelCall, Run, check_window
 
 Progress = Callable[[int, int], None]
@@ -43,6 +42,8 @@ class CalibrationSink:
         self.attention: AttentionSize | None = None
         """The compressible attention calls' size (the widest layer's), for the plan."""
         self.stats: dict[str, int] = {}
+        self.notes: list[str] = []
+        """Why strategies ran FULL during the run (the node's summary shows them)."""
 
     def __deepcopy__(self, memo: dict) -> CalibrationSink:
         return self
@@ -64,7 +65,8 @@ class CalibrationConfig:
     on_trial: Callable[[], None] | None = None
     """Called after each trial forward of the paper's search (progress, cancellation)."""
 
-    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> CalibrationRun:
+    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
+                  model_options: Mapping[str, Any] | None = None) -> CalibrationRun:
         if any(s.uses_window for s in self.candidates):
             check_window(self.geometry, self.window, latent_shape, "choose another window in Calibrate FastAttn Plan")
         sigmas = [float(s) for s in sample_sigmas.tolist()]
@@ -96,6 +98,7 @@ class CalibrationRun(Run):
         if self.calibrator is None:
             self.calibrator = self.config.sink.calibrator = self.config.make_calibrator(
                 has_cfg, miss_count=lambda: self.state.misses)
+            self.state.residual_sources = self.calibrator.residual_source
         return self.calibrator
 
     def strategy(self, step: int, layer: int) -> Strategy:
@@ -123,47 +126,45 @@ class CalibrationRun(Run):
             self.config.sink.grid = call.grid
         return call
 
+    def calc_cond_batch(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
+                        timestep: torch.Tensor, model_options: dict) -> list:
+        """Calibration runs here, on every CFG branch at once, so that losses are the paper's
+        whole-model output error whether ComfyUI batches cond and uncond or not: the calibrator
+        decides and runs a step at its first calc_cond_batch; later ones of a decided step (other
+        context windows, guidance calls) and calls off the schedule replay its row."""
+        has_cfg = len(conds) > 1 and any(c is not None for c in conds[1:])
+        calibrator = self.calibrator_for(has_cfg)
+        step = self.steps.plan_step(float(timestep.reshape(-1)[0]))
+        decided = calibrator.decided(step) if step is not None else None
+        if step is None or decided is not None:
+            self.row = decided if decided is not None else [Strategy.FULL] * calibrator.layers
+            try:
+                return executor(model, conds, x_in, timestep, model_options)
+            finally:
+                self.row = None
+        written: list = []
+
+        def forward(row: Row | None, write: bool) -> torch.Tensor:
+            self.row = row
+            try:
+                if write:
+                    outs = executor(model, conds, x_in, timestep, model_options)
+                    written.append(outs)
+                else:
+                    with self.state.read_only():
+                        outs = executor(model, conds, x_in, timestep, model_options)
+            finally:
+                self.row = None
+            return torch.cat([o.reshape(-1) for o in outs if o is not None])
+
+        calibrator.calibrate_step(step, forward)
+        return written[-1]
+
     def finish(self) -> dict[str, int]:
         self.config.sink.stats = stats = super().finish()
+        self.config.sink.notes = list(self.notes)
         self.row = None
         return stats
-
-
-def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    """Calibration runs here, on every CFG branch at once, so that losses are the paper's
-    whole-model output error whether ComfyUI batches cond and uncond or not: the calibrator
-    decides and runs a step at its first model call; later calls of a decided step (and
-    calls off the schedule) replay its row."""
-    run: CalibrationRun | None = model_options.get("transformer_options", {}).get(RUN_KEY)
-    if run is None:
-        return executor(model, conds, x_in, timestep, model_options)
-    has_cfg = len(conds) > 1 and any(c is not None for c in conds[1:])
-    calibrator = run.calibrator_for(has_cfg)
-    step = run.steps.plan_step(float(timestep.reshape(-1)[0]))
-    decided = calibrator.decided(step) if step is not None else None
-    if step is None or decided is not None:
-        run.row = decided if decided is not None else [Strategy.FULL] * calibrator.layers
-        try:
-            return executor(model, conds, x_in, timestep, model_options)
-        finally:
-            run.row = None
-    written: list = []
-
-    def forward(row: Row | None, write: bool) -> torch.Tensor:
-        run.row = row
-        try:
-            if write:
-                outs = executor(model, conds, x_in, timestep, model_options)
-                written.append(outs)
-            else:
-                with run.state.read_only():
-                    outs = executor(model, conds, x_in, timestep, model_options)
-        finally:
-            run.row = None
-        return torch.cat([o.reshape(-1) for o in outs if o is not None])
-
-    calibrator.calibrate_step(step, forward)
-    return written[-1]
 
 
 def calibration_patch(
@@ -181,15 +182,13 @@ def calibration_patch(
 ) -> Any:
     """A clone of ``model`` whose next sampling run calibrates a plan into ``sink``
     (``geometry``: the model's, when the caller has resolved it already)."""
-    import comfy.patcher_extension as ext
-
     from ..kernels import usable_kernel
 
     config = CalibrationConfig(
         geometry=geometry or model_geometry(model), mode=mode, delta=delta, candidates=candidates,
         window=window, sink=sink, kernel=usable_kernel(kernel, model.load_device), cfg=cfg, on_trial=on_trial,
     )
-    return install(model, config, {ext.WrappersMP.CALC_COND_BATCH: fastattn_calc_cond_batch})
+    return install(model, config)
 
 
 @dataclass(frozen=True)
@@ -249,14 +248,18 @@ class CalibrationResult:
     plan: Plan
     samples: torch.Tensor
     stats: dict[str, int]
+    notes: tuple[str, ...] = ()
+    """Why strategies ran FULL in the calibration run (context windows, guidance calls, ...)."""
 
     def summary(self) -> str:
         cost = self.plan.cost()
         delta = self.plan.calibration.delta
-        return (
+        lines = [
             f"{self.plan.calibration.mode} calibration, delta {delta}: {cost.describe()}; "
-            f"{self.plan.steps} steps x {self.plan.layers} layers, grid {self.plan.grid}"
-        )
+            f"{self.plan.steps} steps x {self.plan.layers} layers, grid {self.plan.grid}",
+            *self.notes,
+        ]
+        return "\n".join(lines)
 
 
 def ksampler_inputs(
@@ -354,4 +357,4 @@ def calibrate(
         window=request.window,
         calibration=Calibration(mode=request.mode, delta=request.delta, samples=latent_image.shape[0]),
     )
-    return CalibrationResult(plan=plan, samples=samples, stats=sink.stats)
+    return CalibrationResult(plan=plan, samples=samples, stats=sink.stats, notes=tuple(sink.notes))

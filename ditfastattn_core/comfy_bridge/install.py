@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -11,7 +11,12 @@ from .attention_hooks import CallSlot, attach_modules
 from .families import Geometry, resolve
 from .keys import CONFIG_KEY, KEY
 from .run import Run
-from .wrappers import make_apply_model_wrapper, make_outer_sample_wrapper
+from .wrappers import (
+    fastattn_calc_cond_batch,
+    fastattn_predict_noise,
+    make_apply_model_wrapper,
+    make_outer_sample_wrapper,
+)
 
 
 class InstalledConfig(Protocol):
@@ -19,7 +24,8 @@ class InstalledConfig(Protocol):
 
     geometry: Geometry
 
-    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> Run: ...
+    def start_run(self, sample_sigmas: torch.Tensor, latent_shape: tuple[int, ...],
+                  model_options: Mapping[str, Any]) -> Run: ...
 
 
 def model_geometry(model: Any) -> Geometry:
@@ -28,7 +34,7 @@ def model_geometry(model: Any) -> Geometry:
     return resolve(model.model)
 
 
-def install(model: Any, config: InstalledConfig, extra_wrappers: Mapping[str, Callable] | None = None) -> Any:
+def install(model: Any, config: InstalledConfig) -> Any:
     """A clone of ``model`` with ``config`` installed: module patches now where the family
     attaches by them, the attention override per run (OUTER_SAMPLE), the keyed wrappers.
 
@@ -38,13 +44,17 @@ def install(model: Any, config: InstalledConfig, extra_wrappers: Mapping[str, Ca
     import comfy.patcher_extension as ext
 
     m = model.clone()
-    for wrapper_type in (ext.WrappersMP.OUTER_SAMPLE, ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.CALC_COND_BATCH):
-        m.remove_wrappers_with_key(wrapper_type, KEY)
+    for wrapper_type in WRAPPED:
+        m.remove_wrappers_with_key(getattr(ext.WrappersMP, wrapper_type), KEY)
     m.model_options.setdefault("transformer_options", {})[CONFIG_KEY] = config
     slot = CallSlot()
     attach_modules(m, config.geometry, slot)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, KEY, make_outer_sample_wrapper(slot))
+    m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, KEY, fastattn_predict_noise)
+    m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, KEY, fastattn_calc_cond_batch)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, KEY, make_apply_model_wrapper(slot))
-    for wrapper_type, wrapper in (extra_wrappers or {}).items():
-        m.add_wrapper_with_key(wrapper_type, KEY, wrapper)
     return m
+
+
+WRAPPED = ("OUTER_SAMPLE", "PREDICT_NOISE", "CALC_COND_BATCH", "APPLY_MODEL")
+"""The ComfyUI wrapper types the pack installs a keyed wrapper for."""

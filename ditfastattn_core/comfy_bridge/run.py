@@ -2,7 +2,8 @@
 
 ``Run`` is what an apply run (``apply.ApplyRun``) and a calibration run
 (``calibration.CalibrationRun``) have in common, and the small protocol the hook drives:
-``begin_call`` (a model call starts: its step, CFG rows, token grid), ``strategy`` (a layer's
+``calc_cond_batch`` (one batch of conds is evaluated), ``begin_call`` (a model call starts:
+its step, call site, CFG rows, token grid), ``strategy`` (a layer's
 strategy at a step), ``attention`` (compute one compressible layer) and ``finish`` (free
 everything). A run is created by the OUTER_SAMPLE wrapper and finished in its ``finally``.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ from ..state import RunState
 from ..steps import StepMapper
 from ..strategies import COND, Strategy
 from ..window import TokenLayout, WindowSpec
+from .call_sites import CallSite, SiteTracker, explain_misses
 from .families import OVERRIDE, Geometry, UnplaceableCall
 
 log = logging.getLogger("ditfastattn")
@@ -48,6 +51,10 @@ class Run:
         """The most cache memory the run held at once (all devices), known once it finished."""
         self.lock = threading.Lock()
         self.reported: set[str] = set()
+        self.sites = SiteTracker()
+        """Which of a step's model calls each call is (context windows, guidance calls)."""
+        self.notes: list[str] = []
+        """Why strategies ran FULL, explained once at the end of the run (log and node summary)."""
 
     @functools.cached_property
     def hooks_attention(self) -> bool:
@@ -73,6 +80,11 @@ class Run:
             return passthrough()
         return attend(q, k, v, strategy, layer, ctx, state, dense=dense, **layout)
 
+    def calc_cond_batch(self, executor: Callable, model: Any, conds: list, x_in: torch.Tensor,
+                        timestep: torch.Tensor, model_options: dict) -> list:
+        """One calc_cond_batch of the sampler (per context window, per guidance call)."""
+        return executor(model, conds, x_in, timestep, model_options)
+
     def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: Any, options: dict,
                    conds: Mapping[str, Any] | None = None) -> ModelCall:
         """A model call starts. ``conds``: its other conditioning kwargs (where LTX-2 passes
@@ -93,25 +105,35 @@ class Run:
         if grid is not None:
             self.explain_grid_mismatch(grid)
         state = self.state_for(options)
+        site, cond_lists = self.sites.site(options)
         if step is not None:
             state.begin_step(step)
-        return ModelCall(run=self, state=state, step=step, cond_or_uncond=tuple(options.get("cond_or_uncond") or (COND,)),
-                         grid=grid, text_len=text_len)
+            state.note_call(step, site)
+        cond_or_uncond = tuple(options.get("cond_or_uncond") or (COND,))
+        uuids = options.get("uuids")
+        conds = tuple(uuids) if isinstance(uuids, (list, tuple)) and len(uuids) == len(cond_or_uncond) else None
+        return ModelCall(run=self, state=state, step=step, cond_or_uncond=cond_or_uncond, grid=grid,
+                         text_len=text_len, site=site, conds=conds, cfg_pair=cond_lists in (None, 2))
 
     def finish(self) -> dict[str, int]:
         """Free every cache; returns the run's counters (all devices)."""
         stats = dict(self.state.stats)
+        site_misses = Counter(self.state.site_misses)
         self.state.note_peak()
         self.peak_cache_bytes = self.state.peak_bytes
         for state in self.device_states.values():
             for k, v in state.stats.items():
                 stats[k] = stats.get(k, 0) + v
+            site_misses.update(state.site_misses)
             state.note_peak()
             self.peak_cache_bytes += state.peak_bytes
             state.reset()
         self.device_states.clear()
         if stats:
             log.info("FastAttn run: %s", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+        self.notes = explain_misses(stats, site_misses)
+        for line in self.notes:
+            log.warning("FastAttn: %s", line)
         self.state.reset()
         return stats
 
@@ -160,6 +182,12 @@ class ModelCall:
     cond_or_uncond: tuple[int, ...]
     grid: tuple[int, ...] | None
     text_len: int | None
+    site: CallSite = CallSite()
+    """Which of the step's model calls this is: its caches are its own."""
+    conds: tuple[Hashable, ...] | None = None
+    """ComfyUI's cond uuid per chunk, when given: each cond keeps its own caches."""
+    cfg_pair: bool = True
+    """The chunks come from a calc_cond_batch of [positive, negative] (CFG sharing applies)."""
     layers_seen: int = 0
     layers_done: set[int] = field(default_factory=set)
     contexts: dict[int, CallContext | None] = field(default_factory=dict)
@@ -177,6 +205,7 @@ class ModelCall:
             self.contexts[seq_len] = None if tokens is None else CallContext(
                 step=self.step, cond_or_uncond=self.cond_or_uncond, tokens=tokens,
                 window=self.run.window, kernel=self.run.kernel, module_outputs=self.run.module_outputs,
+                site=self.site, conds=self.conds, cfg_pair=self.cfg_pair,
             )
         return self.contexts[seq_len]
 

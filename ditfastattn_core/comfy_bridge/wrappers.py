@@ -1,10 +1,13 @@
-"""The sampler hook: the keyed OUTER_SAMPLE and APPLY_MODEL wrappers every install adds.
+"""The sampler hook: the keyed wrappers every install adds.
 
 OUTER_SAMPLE creates the run from the installed config on a per-run copy of the model
 options, attaches the attention override there (outermost, chaining whatever override the
-graph set, also one set after Apply), and frees everything in ``finally``. APPLY_MODEL starts
-each model call and puts it in the ``CallSlot`` where the attention hooks find it, and runs a
-compiled model call that never reached the hooks again, recompiled (``ran_stale_graph``).
+graph set, also one set after Apply), and frees everything in ``finally``. PREDICT_NOISE and
+CALC_COND_BATCH tell the run's ``SiteTracker`` which of a step's model calls comes next (the
+sampler's own, a context window, a guidance call) and hand each calc_cond_batch to the run
+(calibration decides there). APPLY_MODEL starts each model call and puts it in the
+``CallSlot`` where the attention hooks find it, and runs a compiled model call that never
+reached the hooks again, recompiled (``ran_stale_graph``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .attention_hooks import CallSlot, is_ours, make_override
+from .call_sites import replaced_blocks
 from .families import OVERRIDE
 from .keys import COMPILE_WRAPPER_KEY, CONFIG_KEY, OVERRIDE_KEY, RUN_KEY
 from .run import ModelCall, Run
@@ -38,7 +42,8 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
         run: Run | None = None
         try:
             if config is not None:
-                run = config.start_run(args[3], tuple(args[0].shape))
+                run = config.start_run(args[3], tuple(args[0].shape), guider.model_options)
+                run.sites.base_replaced = replaced_blocks(options)
                 options[RUN_KEY] = run
                 current = options.get(OVERRIDE_KEY)
                 if config.geometry.attach == OVERRIDE and run.hooks_attention and not is_ours(current):
@@ -51,6 +56,27 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
             guider.model_options = original_options
 
     return fastattn_outer_sample
+
+
+def fastattn_predict_noise(executor, *args, **kwargs):
+    """A model evaluation of the sampler starts: its calc_cond_batch calls count from 0."""
+    run: Run | None = executor.class_obj.model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is not None:
+        run.sites.new_evaluation()
+    return executor(*args, **kwargs)
+
+
+def fastattn_calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+    """One calc_cond_batch (per context window): its guidance rank and cond lists, then the run's
+    own handling of it (a calibration run decides its step there)."""
+    run: Run | None = model_options.get("transformer_options", {}).get(RUN_KEY)
+    if run is None:
+        return executor(model, conds, x_in, timestep, model_options)
+    run.sites.enter(model_options.get("transformer_options", {}), len(conds))
+    try:
+        return run.calc_cond_batch(executor, model, conds, x_in, timestep, model_options)
+    finally:
+        run.sites.leave()
 
 
 def make_apply_model_wrapper(slot: CallSlot) -> Callable:

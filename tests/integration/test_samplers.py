@@ -66,21 +66,21 @@ def check_sampler(tiny, sampler: str, monkeypatch) -> SamplerCheck:
             calls.setdefault((ctx.step, layer), []).append(state.misses == before)
         return out
 
-    reuse = attention_hooks.reused_module_output
+    reuse = attention_hooks.reuse_module_output
 
-    def module_spy(call, layer, ctx, shape):
-        out = reuse(call, layer, ctx, shape)
+    def module_spy(strategy, layer, ctx, state, shape):
+        out = reuse(strategy, layer, ctx, state, shape)
         if out is not None:  # AST served from the module's kept output (PixArt): compressed
             calls.setdefault((ctx.step, layer), []).append(True)
         return out  # None: the engine computes the cell, and the spy above records it
 
     monkeypatch.setattr(bridge_run, "attend", spy)
-    monkeypatch.setattr(attention_hooks, "reused_module_output", module_spy)
+    monkeypatch.setattr(attention_hooks, "reuse_module_output", module_spy)
     plan = Plan(schedule=Schedule.from_letters(EVERY_STRATEGY), family="pixart",
                 sigmas=_plan_sigmas(tiny, sampler), cfg=3.0)
     out = _sample(tiny, apply_fastattn(tiny.patcher, plan), sampler)
     monkeypatch.setattr(bridge_run, "attend", original)
-    monkeypatch.setattr(attention_hooks, "reused_module_output", reuse)
+    monkeypatch.setattr(attention_hooks, "reuse_module_output", reuse)
     assert torch.isfinite(out).all()
     misses = [cell for cell, ok in calls.items() if not all(ok)]
     return SamplerCheck(sampler, len(calls), len(calls) - len(misses), misses)
