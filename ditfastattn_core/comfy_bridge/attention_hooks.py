@@ -62,6 +62,10 @@ def place_call(
         return None
     layer = geometry.layer_of(block, call.layers_seen)
     call.layers_seen += 1
+    if call.layers_seen == 1 and call.step is not None:
+        # the call reached attention (a step cache such as EasyCache may skip the model inside
+        # apply_model): misses tell "skipped step" from "another call site" by this
+        call.state.note_call(call.step, call.site)
     if layer is None:
         run.report("block_type", f"{geometry.label} attention calls of block type "
                    f"{block.get('block_type')!r} are not among its compressible layers and ran FULL")

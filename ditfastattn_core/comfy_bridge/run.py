@@ -108,7 +108,6 @@ class Run:
         site, cond_lists = self.sites.site(options)
         if step is not None:
             state.begin_step(step)
-            state.note_call(step, site)
         cond_or_uncond = tuple(options.get("cond_or_uncond") or (COND,))
         uuids = options.get("uuids")
         conds = tuple(uuids) if isinstance(uuids, (list, tuple)) and len(uuids) == len(cond_or_uncond) else None

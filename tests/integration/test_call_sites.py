@@ -61,11 +61,16 @@ class CallOracle:
     def install(self, model):
         import comfy.patcher_extension as ext
 
+        def bound(method):  # a plain function: ComfyUI 0.3.64 deep-copies model options, bound methods too
+            def call(*args, **kwargs):
+                return method(*args, **kwargs)
+            return call
+
         m = model.clone()
-        m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "oracle", self._predict_noise)
-        m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, "oracle", self._calc_cond_batch)
-        m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "oracle", self._apply_model)
-        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = self._override
+        m.add_wrapper_with_key(ext.WrappersMP.PREDICT_NOISE, "oracle", bound(self._predict_noise))
+        m.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, "oracle", bound(self._calc_cond_batch))
+        m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "oracle", bound(self._apply_model))
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = bound(self._override)
         return m
 
     def _predict_noise(self, executor, *args, **kwargs):
@@ -398,14 +403,8 @@ def _guider(tiny, model, name):
         node = _node("comfy_extras.nodes_perpneg", "PerpNegGuider")
         return _result(node.execute(model, tiny.positive, tiny.negative, _empty(tiny), 3.0, 1.0))
     node = _node("comfy_extras.nodes_custom_sampler", "DualCFGGuider")
-    import inspect
-
-    style = name.split("_")[-1]
-    if "style" not in inspect.signature(node.execute).parameters:
-        if style == "nested":
-            pytest.skip("this ComfyUI's Dual CFG Guider has no nested style")
-        return _result(node.execute(model, tiny.positive, _empty(tiny), tiny.negative, 3.0, 2.0))
-    return _result(node.execute(model, tiny.positive, _empty(tiny), tiny.negative, 3.0, 2.0, style))
+    make = getattr(node, "execute", None) or node().get_guider  # a V3 node on 0.29, V1 on 0.3.64
+    return _result(make(model, tiny.positive, _empty(tiny), tiny.negative, 3.0, 2.0, name.split("_")[-1]))
 
 
 @pytest.mark.parametrize("name", GUIDERS)

@@ -112,5 +112,8 @@ def test_easycache_skipped_calls_are_cache_misses_not_stale_reuse(tiny, caplog, 
     out = sample(tiny, apply_fastattn(easy, plan), steps=steps)
     assert torch.isfinite(out).all()
     stats = run_stats(caplog)
-    assert stats.get("ast_miss", 0) > 0, f"EasyCache skipped calls, so some AST steps must miss: {stats}"
+    assert stats.get("ast_skipped_step", 0) > 0, f"EasyCache skipped calls, so some AST steps must miss: {stats}"
+    assert "ast_miss" not in stats, "each miss is counted under its reason"
     assert reused and all(src == step - 1 for step, src in reused), reused
+    explained = [r.getMessage() for r in caplog.records if "EasyCache skipped it" in r.getMessage()]
+    assert len(explained) == 1 and f"{stats['ast_skipped_step']} layer calls ran FULL" in explained[0], explained
