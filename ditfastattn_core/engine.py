@@ -222,13 +222,17 @@ def cfg_sources(strategy: Strategy, layer: int, ctx: CallContext, chunks: list[C
     if not strategy.shares_cfg:
         return {}
     if not ctx.cfg_pair:
-        if count:
+        if count and len(chunks) > 1:
             state.count("asc_not_cfg_pair")
         return {}
     conds = [c for c in chunks if c.branch == COND]
     unconds = [i for i, c in enumerate(chunks) if c.branch == UNCOND]
     if len(conds) == 1 and unconds:
         return {i: conds[0] for i in unconds}
+    if len(conds) > 1 and unconds:
+        if count:
+            state.count("asc_several_conds")
+        return {}
     if not conds and len(unconds) == 1:
         i = unconds[0]
         shape = None if row_shape is None else torch.Size((chunks[i].size, *row_shape))

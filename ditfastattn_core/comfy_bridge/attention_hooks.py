@@ -56,6 +56,7 @@ def place_call(
     run, geometry = call.run, call.run.geometry
     if call.site.replaced and block.get("block_index") is None:
         # blocks skipped in this call shift the count of attention calls: no safe layer
+        call.state.count("replaced_blocks_full")
         run.report("replaced_unkeyed", f"{geometry.label} calls that replace or skip blocks "
                    f"({', '.join(call.site.replaced)}; e.g. skip-layer guidance) ran FULL: this model does not "
                    "name its blocks to attention, so their layers cannot be placed once blocks are skipped")

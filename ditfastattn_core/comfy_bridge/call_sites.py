@@ -145,6 +145,10 @@ def explain_misses(stats: Mapping[str, int], site_misses: Mapping[tuple[str, Any
     if stats.get("asc_not_cfg_pair"):
         lines.append(f"calls whose conds are not one positive and one negative (Dual CFG, PerpNeg's extra conds): "
                      f"ASC computed every cond instead ({stats['asc_not_cfg_pair']} layer calls)")
+    if stats.get("asc_several_conds"):
+        lines.append(f"calls with several positive conds (ConditioningCombine, area or mask conds): no single "
+                     f"conditional output to share, so ASC computed the negative too ({stats['asc_several_conds']} "
+                     "layer calls)")
     if stats.get("asc_miss"):
         lines.append(f"ASC found no conditional output of the same call at this step (cond and uncond on other "
                      f"devices or calls): {stats['asc_miss']} unconditional layer calls ran FULL")

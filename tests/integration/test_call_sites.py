@@ -364,7 +364,7 @@ def test_skip_layer_guidance_calls_keep_their_own_caches(tiny_flux, simple, monk
     if guidance:  # the model names its blocks: the guidance call is compressed, from its own caches
         assert any(not r["computed"] and r["strategy"] == "T" for r in guidance)
     else:  # it does not (ComfyUI before block indices): the guidance call runs FULL and says so
-        assert "replace or skip blocks" in messages
+        assert "replace or skip blocks" in messages and run_stats(caplog).get("replaced_blocks_full", 0) > 0
 
 
 @pytest.mark.parametrize("simple", [False, True])
@@ -466,6 +466,14 @@ def test_several_conds_keep_their_own_caches(tiny_flux, conds, monkeypatch, capl
     assert counts["reused"] > 0 and counts["full"] == 0, counts
     uuids = {u for r in oracle.returned for u in r["chunks"]}
     assert len(uuids) == 3, "two positive conds and the negative, each with caches of its own"
+    caplog.clear()
+    _sample(tiny_flux, apply_fastattn(tiny_flux.patcher, _plan(tiny_flux, _alternating(tiny_flux, "C"))),
+            positive=positive)
+    stats = run_stats(caplog)
+    if conds == "combined":  # both positives batched with the negative: no single one to share
+        assert stats.get("asc_several_conds", 0) > 0 and "cfg_copy" not in stats, stats
+        assert any("several positive conds" in r.getMessage() for r in caplog.records)
+    assert stats.get("cfg_copy", 0) + stats.get("asc_several_conds", 0) + stats.get("asc_miss", 0) > 0, stats
 
 
 # --- MultiGPU CFG Split with context windows ------------------------------------------------------

@@ -171,3 +171,18 @@ def test_a_call_context_accepts_a_guiders_extra_conds_and_refuses_nonsense():
         ctx(0, cfg=(0, -1))
     with pytest.raises(ValueError, match="cond identities"):
         ctx(0, cfg=(0, 1), conds=("a",))
+
+
+def test_several_positive_conds_have_no_single_output_to_share():
+    state = RunState()
+    q, k, v = qkv(0, batch=3)
+    out = attend(q, k, v, C, 0, ctx(0, cfg=(0, 0, 1), conds=("a", "b", "n")), state)
+    assert torch.equal(out, dense(q, k, v))
+    assert "cfg_copy" not in state.stats and state.stats["asc_several_conds"] == 1
+
+
+def test_a_single_cond_list_call_is_not_counted_as_unshared():
+    """Skip-layer guidance's and PerpNeg's extra calls hold one cond: nothing to share, nothing lost."""
+    state = RunState()
+    attend(*qkv(0), C, 0, ctx(0, cfg=(0,), cfg_pair=False), state)
+    assert "asc_not_cfg_pair" not in state.stats and not state.shared_cond, "and it publishes nothing"
