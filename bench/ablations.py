@@ -1,9 +1,9 @@
 """The paper's Figure 9 ablations on the trained demo model, at matched attention FLOPs, through
 the pack's nodes in real ComfyUI (calibration mode ``--mode``, the Calibrate node's default).
 
-1. WA without the residual vs WA-RS: candidates WA_RS only; "without the residual" runs the same
-   search and sampling with every cached residual replaced by zeros (a patch in this script only:
-   it is not a strategy of the plan format). Delta is searched so both plans cost ``--target``.
+1. WA without the residual vs WA-RS: candidates WA_RS only vs WA only (the strategy table's
+   ablation row, letter A, which the Calibrate node takes from the API but does not show).
+   Delta is searched so both plans cost ``--target``.
 2. Each technique alone vs combined (the Calibrate node's use_* switches), each at ``--target``.
 3. 20 / 50 / 100 steps: paper and guided mode at the same delta (D4), error vs FULL at that
    step count.
@@ -14,37 +14,11 @@ the pack's nodes in real ComfyUI (calibration mode ``--mode``, the Calibrate nod
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 
 from demo_eval import DemoEval, flops, match_flops
 from quality import DELTAS
 
 SWITCHES = ("use_ast", "use_wa_rs", "use_asc", "use_wa_rs_asc")
-
-
-@contextlib.contextmanager
-def residuals_zeroed():
-    """Every copy of the pack's RunState (the checkout's and the one ComfyUI loaded) hands out
-    zeros in place of the cached window residual: window attention without the residual."""
-    import torch
-
-    classes = [m.RunState for name, m in list(sys.modules.items()) if name.endswith("ditfastattn_core.state")]
-    originals = [c.residual for c in classes]
-
-    def zeroed(original):
-        def residual(self, step, key, shape):
-            r = original(self, step, key, shape)
-            return None if r is None else torch.zeros_like(r)
-        return residual
-
-    for c, original in zip(classes, originals, strict=True):
-        c.residual = zeroed(original)
-    try:
-        yield
-    finally:
-        for c, original in zip(classes, originals, strict=True):
-            c.residual = original
 
 
 def main() -> None:
@@ -70,11 +44,10 @@ def main() -> None:
     print(f"demo model, {args.samples} samples, {ev.steps} {ev.sampler} steps, cfg {ev.cfg}, window {ev.window}; "
           f"mode {args.mode}; target {args.target:.0%} attention FLOPs\n")
     print(f"{'1. window attention':<28} {'delta':>7} {'FLOPs':>7} {'rel L1':>7}  plan")
-    only_wa = {s: s == "use_wa_rs" for s in SWITCHES}
-    for name, ctx in (("WA-RS", contextlib.nullcontext), ("WA without residual", residuals_zeroed)):
-        with ctx():
-            plan, delta = match_flops(lambda d: ev.calibrate(args.mode, d, **only_wa)[0], args.target)
-            row(name, plan, delta, error(plan))
+    for name, switch in (("WA-RS", "use_wa_rs"), ("WA without residual", "use_wa")):
+        only = {s: s == switch for s in (*SWITCHES, "use_wa")}
+        plan, delta = match_flops(lambda d, only=only: ev.calibrate(args.mode, d, **only)[0], args.target)
+        row(name, plan, delta, error(plan))
 
     print(f"\n{'2. techniques':<28} {'delta':>7} {'FLOPs':>7} {'rel L1':>7}  plan")
     subsets = {"AST alone": ("use_ast",), "WA-RS alone": ("use_wa_rs",), "ASC alone": ("use_asc",),

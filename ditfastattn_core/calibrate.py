@@ -40,7 +40,7 @@ from .context import CallContext
 from .engine import DenseFn, attend
 from .loss import relative_l1, relative_squared_error
 from .state import RunState
-from .strategies import CANDIDATE_ORDER, COND, UNCOND, Strategy
+from .strategies import CANDIDATE_ORDER, COND, OFFERED_CANDIDATES, UNCOND, Strategy
 
 PAPER = "paper"
 FAST = "fast"
@@ -106,7 +106,7 @@ class Calibrator:
     layers: int
     delta: float
     has_cfg: bool
-    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
+    candidates: tuple[Strategy, ...] = OFFERED_CANDIDATES
     rows: dict[int, Row] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     """Per decided step, the whole-output loss of its written row vs all-FULL."""

@@ -1,5 +1,6 @@
-"""The strategy table: everything about the five per-(step, layer) attention strategies of
-DiTFastAttn, in one place.
+"""The strategy table: everything about the per-(step, layer) attention strategies of
+DiTFastAttn (the paper's five, plus window attention without its residual, the paper's
+ablation), in one place.
 
 A strategy is a row of ``Strategy``: its plan letter, its label and colour in the editor's
 heatmap, what it computes (``Compute``), whether it shares the conditional branch's result
@@ -63,6 +64,7 @@ class _Row(NamedTuple):
     writes: tuple[Cache, ...]
     candidate_rank: int | None
     description: str
+    offered: bool = True
 
 
 class Strategy(enum.Enum):
@@ -91,10 +93,16 @@ class Strategy(enum.Enum):
         "T", "AST", "#ef4444", Compute.REUSE, shares_cfg=False, reads=(Cache.OUTPUT,), writes=(),
         candidate_rank=0, description="AST: reuse a layer's output from the previous step; no attention at all.",
     )
+    WA = _Row(
+        "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=4,
+        description="WA: window attention alone, without the residual (the paper's ablation of WA-RS).",
+        offered=False,
+    )
 
     def __new__(
         cls, letter: str, label: str, colour: str, compute: Compute, shares_cfg: bool,
         reads: tuple[Cache, ...], writes: tuple[Cache, ...], candidate_rank: int | None, description: str,
+        offered: bool = True,
     ) -> Strategy:
         member = object.__new__(cls)
         member._value_ = letter
@@ -112,6 +120,9 @@ class Strategy(enum.Enum):
         what a layer gets when no candidate passes."""
         member.description = description
         """One line for tooltips (the Calibrate node's candidate inputs)."""
+        member.offered = offered
+        """The Calibrate node shows it and it is a default candidate; False for ablations,
+        which calibration still takes when asked (``bench/ablations.py``)."""
         return member
 
     @property
@@ -149,7 +160,8 @@ class Strategy(enum.Enum):
         """The strategy a CFG-sharing one runs as when there is no branch to share with."""
         if not self.shares_cfg:
             return self
-        return next(s for s in Strategy if s.compute is self.compute and not s.shares_cfg)
+        return next(s for s in Strategy if not s.shares_cfg and s.compute is self.compute
+                    and s.reads == self.reads - {Cache.SHARED_COND})
 
     def reads_residual(self, branch: int) -> bool:
         """Whether this strategy reads the window residual of CFG branch ``branch`` (0 = cond,
@@ -168,6 +180,9 @@ CANDIDATE_ORDER: tuple[Strategy, ...] = tuple(
     sorted((s for s in Strategy if s.candidate_rank is not None), key=lambda s: s.candidate_rank)
 )
 """Algorithm 1's try order: cheapest first; FULL is what remains when none passes."""
+
+OFFERED_CANDIDATES: tuple[Strategy, ...] = tuple(s for s in CANDIDATE_ORDER if s.offered)
+"""The candidates the Calibrate node offers, and the default ones (no ablations)."""
 
 
 def legend() -> list[dict[str, str]]:

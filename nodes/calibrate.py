@@ -15,7 +15,8 @@ from ..ditfastattn_core.window import PRESETS as WINDOWS
 from .types import Plan, plan_ui
 
 CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
-"""One switch per calibration candidate, from the strategy table, in try order."""
+"""One switch per calibration candidate, from the strategy table, in try order; the node shows
+the offered ones (``Strategy.offered``), and takes an ablation's switch from the API."""
 
 
 class CalibratePlan(io.ComfyNode):
@@ -48,7 +49,8 @@ class CalibratePlan(io.ComfyNode):
                                "model half paper mode's error at equal FLOPs). fast: one forward per step plus "
                                "a reference, local errors with a learned scale (about two generations). paper: "
                                "the paper's greedy search on the whole output (4L+2 forwards per step)."),
-                *[io.Boolean.Input(name, default=True, tooltip=s.description) for name, s in CANDIDATE_INPUTS.items()],
+                *[io.Boolean.Input(name, default=True, tooltip=s.description)
+                  for name, s in CANDIDATE_INPUTS.items() if s.offered],
                 io.Combo.Input("window", options=list(WINDOWS), default="band 1/8 (paper)",
                                tooltip="The window of WA-RS; stored in the plan."),
                 io.Int.Input("samples", default=1, min=1, max=64,
@@ -77,7 +79,7 @@ class CalibratePlan(io.ComfyNode):
         unknown = set(use_candidate) - set(CANDIDATE_INPUTS)
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}")
-        candidates = tuple(s for name, s in CANDIDATE_INPUTS.items() if use_candidate.get(name, True))
+        candidates = tuple(s for name, s in CANDIDATE_INPUTS.items() if use_candidate.get(name, s.offered))
         request = CalibrationRequest(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,

@@ -21,7 +21,7 @@ from ..context import CallContext
 from ..plan import Calibration, Plan
 from ..state import RunState
 from ..steps import StepMapper
-from ..strategies import CANDIDATE_ORDER, Strategy
+from ..strategies import OFFERED_CANDIDATES, Strategy
 from ..window import WindowSpec
 from .families import Geometry
 from .install import install, model_geometry
@@ -203,7 +203,7 @@ class CalibrationRequest:
     denoise: float = 1.0
     delta: float = 0.1
     mode: str = GUIDED
-    candidates: tuple[Strategy, ...] = CANDIDATE_ORDER
+    candidates: tuple[Strategy, ...] = OFFERED_CANDIDATES
     window: WindowSpec = WindowSpec()
     samples: int = 1
     kernel: str = "auto"

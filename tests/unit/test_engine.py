@@ -60,6 +60,18 @@ def test_wa_rs_without_a_residual_falls_back_to_full_and_says_so():
     assert state.stats["residual_miss"] == 1
 
 
+def test_window_without_residual_is_the_window_alone_and_keeps_nothing():
+    """The ablation row (WA): the plan's FULL step before it refreshes no residual."""
+    q0, k0, v0 = qkv(seed=0)
+    q1, k1, v1 = qkv(seed=1)
+    state = RunState(Schedule.from_letters(["F", "A"]))
+    attend(q0, k0, v0, F, 0, ctx(0), state)
+    assert not state.residuals
+    out = attend(q1, k1, v1, Strategy.WA, 0, ctx(1), state)
+    torch.testing.assert_close(out, KERNELS["reference"](q1, k1, v1, WindowSpec().bind(LAYOUT)), atol=1e-6, rtol=1e-5)
+    assert state.stats["window"] == 2 and not state.misses
+
+
 @pytest.mark.parametrize("cfg", [(0, 1), (1, 0)])
 @pytest.mark.parametrize("batch_per_chunk", [1, 3])
 def test_asc_copies_the_conditional_rows(cfg, batch_per_chunk):

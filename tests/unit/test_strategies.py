@@ -4,7 +4,7 @@ import pytest
 
 from ditfastattn_core import Cache, Compute, Schedule, Strategy
 from ditfastattn_core.calibrate import Availability
-from ditfastattn_core.strategies import CANDIDATE_ORDER, legend
+from ditfastattn_core.strategies import CANDIDATE_ORDER, OFFERED_CANDIDATES, legend
 
 
 def test_letters_are_unique_and_never_aliased():
@@ -15,7 +15,8 @@ def test_letters_are_unique_and_never_aliased():
 
 def test_plan_letters_keep_their_meaning():
     # part of the plan file format: these must never change
-    assert {s.name: s.letter for s in Strategy} == {"FULL": "F", "WA_RS": "W", "ASC": "C", "WA_RS_ASC": "X", "AST": "T"}
+    assert {s.name: s.letter for s in Strategy} == {"FULL": "F", "WA_RS": "W", "ASC": "C", "WA_RS_ASC": "X", "AST": "T",
+                                                    "WA": "A"}
 
 
 def test_every_sharing_strategy_has_a_form_without_sharing():
@@ -29,12 +30,14 @@ def test_candidates_are_ranked_once_and_full_is_the_fallback():
     ranks = [s.candidate_rank for s in CANDIDATE_ORDER]
     assert ranks == sorted(set(ranks))
     assert Strategy.FULL not in CANDIDATE_ORDER and Strategy.FULL.candidate_rank is None
-    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC)
+    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC, Strategy.WA)
+    assert OFFERED_CANDIDATES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC), \
+        "the ablation is not offered: the Calibrate node's inputs stay as saved workflows know them"
 
 
 def test_costs_follow_what_is_computed():
     f = 0.2
-    assert [s.cost(f, True) for s in Strategy] == [1.0, f, 0.5, f / 2, 0.0]
+    assert [s.cost(f, True) for s in Strategy] == [1.0, f, 0.5, f / 2, 0.0, f]
     assert Compute.REUSE.flops(f) == 0.0 and Compute.DENSE.flops(f) == 1.0
 
 
@@ -72,3 +75,14 @@ def test_schedule_lookahead_uses_the_table():
 def test_legend_is_the_table():
     assert [(e["letter"], e["label"], e["colour"]) for e in legend()] == [(s.letter, s.label, s.colour) for s in Strategy]
     assert len({e["colour"] for e in legend()}) == len(Strategy), "every strategy its own colour"
+
+
+def test_window_without_residual_is_a_row_the_engine_schedule_and_calibration_read():
+    """The paper's ablation is data: no residual read, so nothing to refresh, valid before any FULL."""
+    from ditfastattn_core import Schedule
+
+    wa = Strategy.WA
+    assert wa.uses_window and not wa.reads_window_residual and not wa.reads_residual(0)
+    assert Schedule.from_letters(["A", "A"]).problems() == []
+    assert not Schedule.from_letters(["F", "A"]).reads_residual_later(0, 0, 0)
+    assert Strategy.WA_RS_ASC.without_cfg_sharing is Strategy.WA_RS and Strategy.ASC.without_cfg_sharing is Strategy.FULL
