@@ -86,6 +86,8 @@ class ApplyConfig:
         if latent_shape is None:
             estimate = self.plan.cache_estimate(dtype=self.dtype, placement=self.cache_placement)
             where = f"at the plan's size {_grid_text(self.plan.grid)}, batch 1"
+            if (model_options or {}).get("context_handler") is not None:
+                where += " and one call (the model has context windows, each with caches of its own: connect the latent)"
         else:
             estimate = self.cache_estimate(latent_shape, model_options)
             where = f"for the latent {list(latent_shape)}"

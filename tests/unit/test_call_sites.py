@@ -186,3 +186,78 @@ def test_a_single_cond_list_call_is_not_counted_as_unshared():
     state = RunState()
     attend(*qkv(0), C, 0, ctx(0, cfg=(0,), cfg_pair=False), state)
     assert "asc_not_cfg_pair" not in state.stats and not state.shared_cond, "and it publishes nothing"
+
+
+# --- naming call sites (comfy_bridge/call_sites.py needs no ComfyUI) ------------------------------
+
+
+class _Window:
+    def __init__(self, frames, anchor=None):
+        self.index_list = list(frames)
+        if anchor is not None:
+            self.causal_anchor_index = anchor
+
+
+def test_site_tracker_names_each_call_of_a_model_evaluation():
+    from ditfastattn_core.comfy_bridge.call_sites import CallSite, SiteTracker
+
+    tracker = SiteTracker(base_replaced=frozenset({"dit/double_block/0"}))
+    sites = []
+    for _ in range(2):  # two model evaluations (steps): the same sites in the same order
+        tracker.new_evaluation()
+        for window in (_Window(range(0, 3)), _Window(range(2, 5), anchor=1)):
+            options = {"context_window": window}
+            tracker.enter(options, 2)
+            sites.append(tracker.site(options))
+            tracker.leave()
+        skip = {"patches_replace": {"dit": {("double_block", 0): None, ("double_block", 3): None}}}
+        for _ in range(2):  # the sampler's own call, then skip-layer guidance's
+            tracker.enter(skip if _ else {}, 1 + (not _))
+            sites.append(tracker.site(skip if _ else {}))
+            tracker.leave()
+    first, second = sites[:4], sites[4:]
+    assert first == second, "stable from step to step"
+    assert first[0] == (CallSite((0, 1, 2), 0, ()), 2)
+    assert first[1] == (CallSite((1, 2, 3, 4), 0, ()), 2), "the causal anchor frame is part of the window"
+    assert first[2] == (CallSite(None, 0, ()), 2)
+    assert first[3] == (CallSite(None, 1, ("dit/double_block/3",)), 1), "ranked after it, blocks beyond the run's own"
+    assert first[3][0].is_guidance and not first[3][0].windowed and first[0][0].windowed
+
+
+def test_a_call_outside_any_calc_cond_batch_is_the_plain_site():
+    from ditfastattn_core.comfy_bridge.call_sites import CallSite, SiteTracker
+
+    assert SiteTracker().site({}) == (CallSite(), None)
+
+
+def test_misses_are_explained_once_per_reason():
+    from ditfastattn_core.comfy_bridge.call_sites import CallSite, explain_misses
+
+    window = CallSite((0, 1, 2))
+    lines = explain_misses(
+        {"ast_no_site": 4, "ast_skipped_step": 2, "asc_not_cfg_pair": 3, "asc_several_conds": 1},
+        {("ast_no_site", window): 3, ("ast_no_site", CallSite((4, 5, 6))): 1},
+    )
+    assert lines[0].startswith("context windows shift from step to step under this schedule: AST ran FULL for 4")
+    assert any("EasyCache" in line and "2 layer calls" in line for line in lines)
+    assert any("not one positive and one negative" in line for line in lines)
+    assert any("several positive conds" in line for line in lines)
+    assert explain_misses({"reuse": 10}, {}) == []
+
+
+def test_context_windows_per_step_from_the_handlers_own_schedule():
+    from ditfastattn_core.comfy_bridge.call_sites import context_windows
+
+    class Schedule:
+        @staticmethod
+        def func(frames, handler, options):  # shifts by one frame each step, as uniform schedules do
+            return [list(range(s, s + 3)) for s in range(handler._step % 2, frames - 2, 3)]
+
+    class Handler:
+        context_schedule, dim, context_length, causal_window_fix, _step = Schedule, 2, 3, True, 0
+
+    windows = context_windows({"context_handler": Handler()}, (1, 16, 9, 4, 6), 3)
+    assert windows[0] == [(0, 1, 2), (2, 3, 4, 5), (5, 6, 7, 8)]
+    assert windows[1] == [(0, 1, 2, 3), (3, 4, 5, 6)] and windows[2] == windows[0]
+    assert context_windows({}, (1, 16, 9, 4, 6), 3) is None
+    assert context_windows({"context_handler": Handler()}, (1, 16, 3, 4, 6), 3) is None, "short enough to run whole"
