@@ -215,11 +215,8 @@ class RunState:
             return
         slot = (key.layer, key.site)
         entry = self.shared_cond.get(slot)
-        ambiguous = entry is not None and entry.step == step and entry.source not in (None, key)
-        if ambiguous or (entry is not None and entry.step == step and entry.source is None):
-            self.shared_cond[slot] = _Shared(step, tensor, None)
-        else:
-            self.shared_cond[slot] = _Shared(step, tensor, key)
+        conflict = entry is not None and entry.step == step and entry.source != key  # None: already ambiguous
+        self.shared_cond[slot] = _Shared(step, tensor, None if conflict else key)
 
     def count(self, what: str) -> None:
         if not self.frozen:
