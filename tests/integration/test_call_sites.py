@@ -569,3 +569,45 @@ def test_calibration_under_a_step_cache_reads_the_residual_apply_will(tiny_flux,
     applied = comfy.sample.sample(apply_fastattn(easy, plan), noise, steps, 3.0, "euler", "normal",
                                   tiny_flux.positive, tiny_flux.negative, tiny_flux.latent, seed=0, disable_pbar=True)
     assert torch.equal(applied, result.samples), (applied - result.samples).abs().max()
+
+
+# --- all-FULL beside every model patch, in both node orders -----------------------------------------
+
+
+def _perp_neg(tiny, model):
+    return _result(_node("comfy_extras.nodes_perpneg", "PerpNeg").execute(model, _empty(tiny), 1.0))
+
+
+def _easycache(tiny, model):
+    return _result(_node("comfy_extras.nodes_easycache", "EasyCacheNode").execute(model, 0.05, 0.0, 1.0, False))
+
+
+MODEL_PATCHES = {"PerpNeg": _perp_neg, "EasyCache": _easycache}
+
+
+@pytest.mark.parametrize("patch", sorted(MODEL_PATCHES))
+@pytest.mark.parametrize("order", ["patch_then_apply", "apply_then_patch"])
+def test_all_full_is_bit_exact_beside_model_patches(tiny_flux, patch, order):
+    add = MODEL_PATCHES[patch]
+    plan = _plan(tiny_flux, _all_full(tiny_flux))
+    expected = _sample(tiny_flux, add(tiny_flux, tiny_flux.patcher))
+    if order == "patch_then_apply":
+        model = apply_fastattn(add(tiny_flux, tiny_flux.patcher), plan)
+    else:
+        model = add(tiny_flux, apply_fastattn(tiny_flux.patcher, plan))
+    assert torch.equal(_sample(tiny_flux, model), expected)
+
+
+def test_multigpu_split_with_skip_layer_guidance(tiny_flux, caplog):
+    from .test_multigpu import split_across_two_devices
+
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    expected = _sample(tiny_flux, split_across_two_devices(_slg(tiny_flux.patcher, False)))
+    full = apply_fastattn(split_across_two_devices(_slg(tiny_flux.patcher, False)), _plan(tiny_flux, _all_full(tiny_flux)))
+    assert torch.equal(_sample(tiny_flux, full), expected)
+    caplog.clear()
+    model = apply_fastattn(split_across_two_devices(_slg(tiny_flux.patcher, False)),
+                           _plan(tiny_flux, _alternating(tiny_flux)))
+    assert torch.isfinite(_sample(tiny_flux, model)).all()
+    stats = run_stats(caplog)
+    assert stats.get("reuse", 0) > 0 and not any(k.startswith("ast_") for k in stats), stats
