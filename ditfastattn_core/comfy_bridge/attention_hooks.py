@@ -40,16 +40,26 @@ class CallSlot(threading.local):
 
 
 def place_call(
-    call: ModelCall, seq_q: int, seq_k: int, block: Mapping[str, Any], unsupported: str | None
+    call: ModelCall, rows: int, seq_q: int, seq_k: int, block: Mapping[str, Any], unsupported: str | None
 ) -> tuple[int, CallContext] | None:
-    """The plan layer and engine context of an attention call of ``call``, or None where it
-    runs as the model makes it: not image self-attention, not one of the family's
-    compressible layers, an argument the engine cannot honour, or a step off the schedule.
+    """The plan layer and engine context of an attention call of ``call`` over ``rows`` batch
+    rows, or None where it runs as the model makes it: not image self-attention, not one of
+    the family's compressible layers, an argument the engine cannot honour, a step off the
+    schedule, or rows that are not the model call's (a wrapper split the batch).
 
     ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
     (its transformer_options, or the patched module's own index)."""
     if seq_q != seq_k or call.grid is None:
         return None  # cross-attention, or a call we cannot place
+    if call.rows is not None and rows != call.rows:
+        # a DIFFUSION_MODEL wrapper ran the model on part of the batch (raylight's CFG parallel
+        # keeps one branch per rank but leaves cond_or_uncond listing both): the branch of each
+        # row is unknown here, so these calls are not split into CFG chunks, not cached
+        call.state.count("rows_unknown")
+        call.run.report("rows", f"attention saw {rows} batch rows where its model call had {call.rows} (a wrapper "
+                        "split the batch, e.g. raylight's CFG parallel): which CFG branch each row is cannot be "
+                        "known, so those calls ran FULL")
+        return None
     ctx = call.context(seq_q)
     if ctx is None:
         return None  # text refiner
@@ -110,7 +120,7 @@ def route_attention(
     ``passthrough()`` (as the model makes it)."""
     seq_q = q.shape[2] if skip_reshape else q.shape[1]
     seq_k = k.shape[2] if skip_reshape else k.shape[1]
-    placed = place_call(call, seq_q, seq_k, block, unsupported)
+    placed = place_call(call, q.shape[0], seq_q, seq_k, block, unsupported)
     if placed is None:
         return passthrough()
     layer, ctx = placed
@@ -217,7 +227,7 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
         if call is None or mask is not None:
             return original(x, mask=mask, HW=HW, block_id=block_id)
         b, n, c = x.shape
-        placed = place_call(call, n, n, block, None)
+        placed = place_call(call, b, n, n, block, None)
         if placed is None:
             return original(x, mask=mask, HW=HW, block_id=block_id)
         layer, ctx = placed

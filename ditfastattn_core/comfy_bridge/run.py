@@ -112,7 +112,7 @@ class Run:
         uuids = options.get("uuids")
         conds = tuple(uuids) if isinstance(uuids, (list, tuple)) and len(uuids) == len(cond_or_uncond) else None
         return ModelCall(run=self, state=state, step=step, cond_or_uncond=cond_or_uncond, grid=grid,
-                         text_len=text_len, site=site, conds=conds, cfg_pair=cond_lists in (None, 2))
+                         text_len=text_len, site=site, conds=conds, cfg_pair=cond_lists in (None, 2), rows=x.shape[0])
 
     def finish(self) -> dict[str, int]:
         """Free every cache; returns the run's counters (all devices)."""
@@ -187,6 +187,8 @@ class ModelCall:
     """ComfyUI's cond uuid per chunk, when given: each cond keeps its own caches."""
     cfg_pair: bool = True
     """The chunks come from a calc_cond_batch of [positive, negative] (CFG sharing applies)."""
+    rows: int | None = None
+    """The batch rows of the model call: an attention call over other rows was split off."""
     layers_seen: int = 0
     layers_done: set[int] = field(default_factory=set)
     contexts: dict[int, CallContext | None] = field(default_factory=dict)

@@ -611,3 +611,45 @@ def test_multigpu_split_with_skip_layer_guidance(tiny_flux, caplog):
     assert torch.isfinite(_sample(tiny_flux, model)).all()
     stats = run_stats(caplog)
     assert stats.get("reuse", 0) > 0 and not any(k.startswith("ast_") for k in stats), stats
+
+
+# --- a wrapper that runs the model on part of the batch ---------------------------------------------
+
+
+def split_batch_in_halves(model):
+    """A DIFFUSION_MODEL wrapper that runs the model on each half of the batch, the CPU stand-in
+    of raylight's CFG parallel (each rank one branch, transformer_options left listing both)."""
+    import comfy.patcher_extension as ext
+
+    def halves(executor, *args, **kwargs):
+        n = args[0].shape[0]
+
+        def part(value, rows):
+            return value[rows] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n else value
+
+        outs = []
+        for rows in (slice(0, n // 2), slice(n // 2, n)):
+            outs.append(executor(*(part(a, rows) for a in args), **{k: part(v, rows) for k, v in kwargs.items()}))
+        return torch.cat(outs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test_split", halves)
+    return m
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_attention_over_rows_split_off_the_model_call_runs_full(tiny_flux, samples, caplog):
+    """Two samples split in halves would otherwise look like [cond, uncond] chunks of one
+    sample each: ASC would copy one sample onto the other. Rows that are not the call's run FULL."""
+    from .tiny import repeat_batch
+
+    caplog.set_level(logging.INFO, logger="ditfastattn")
+    latent = repeat_batch(tiny_flux.latent, samples)
+    split = split_batch_in_halves(tiny_flux.patcher)
+    expected = _sample(tiny_flux, split, latent=latent)
+    plan = _plan(tiny_flux, ["F" * 4] + ["C" * 4, "T" * 4, "X" * 4, "W" * 4][: STEPS - 1])
+    out = _sample(tiny_flux, apply_fastattn(split, plan), latent=latent)
+    assert torch.equal(out, expected), "every compressible call ran FULL"
+    stats = run_stats(caplog)
+    assert stats.get("rows_unknown", 0) > 0 and not {"cfg_copy", "reuse", "window"} & set(stats), stats
+    assert any("a wrapper split the batch" in r.getMessage() for r in caplog.records)
