@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import WindowKernel, select_kernel
+from .kernels import FailSafeKernel, checked_kernel
 from .state import PLAIN_SITE, CacheKey
 from .strategies import COND
 from .window import TokenLayout, Window, WindowSpec
@@ -87,13 +87,14 @@ class CallContext:
             raise ValueError("window attention needs the call's token layout (grid, text span)")
         return self.window.bind(self.tokens)
 
-    def window_kernel(self, q: torch.Tensor) -> WindowKernel:
+    def window_kernel(self, q: torch.Tensor) -> FailSafeKernel:
         """The kernel for this call's window on ``q`` (chosen once per device, dtype and
-        head dim: a model call may mix them only across offloaded blocks)."""
+        head dim: a model call may mix them only across offloaded blocks), checked against
+        dense attention the first time the process runs it on them."""
         key = (q.device, q.dtype, q.shape[-1])
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = select_kernel(self.bound_window, q, self.kernel)
+            kernel = self._kernels[key] = checked_kernel(self.bound_window, q, self.kernel)
         return kernel
 
     def chunks(self, batch: int) -> list[Chunk]:

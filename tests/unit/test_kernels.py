@@ -284,3 +284,113 @@ def test_flash_kernel_passes_a_symmetric_window_and_matches_reference(fake_flash
     assert fake_flash[-1]["window_size"] == (12, 12)  # never (-w, w): that is unbounded left
     assert fake_flash[-1]["causal"] is False
     torch.testing.assert_close(out, KERNELS["reference"](q, k, v, w))
+
+
+# --- fail-safe kernels: failures simulated on the CPU ------------------------------------------------
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """A process in which no kernel has been checked or disabled yet."""
+    from ditfastattn_core import kernels
+
+    monkeypatch.setattr(kernels, "DISABLED", {})
+    monkeypatch.setattr(kernels, "_checked", {})
+    return kernels
+
+
+def _failing(name: str, fn, available=lambda: True):
+    return KERNELS[name].__class__(name, fn, available, KERNELS[name].unsupported)
+
+
+def _run_window(strategy_window=None, seed=0):
+    """A WA-RS layer through the engine (which picks its kernel by ``checked_kernel``)."""
+    from ditfastattn_core import CallContext, RunState, Schedule, Strategy, attend
+
+    layout = TokenLayout.image_only((8, 8))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 8, generator=g) for _ in range(3))
+    state = RunState(Schedule.from_letters(["F", "W"]))
+    ctx = dict(tokens=layout, window=strategy_window or WindowSpec(dims=2, extent=(0.25, 0.25)))
+    full = attend(q, k, v, Strategy.FULL, 0, CallContext(step=0, **ctx), state)
+    return attend(q, k, v, Strategy.WA_RS, 0, CallContext(step=1, **ctx), state), full
+
+
+@pytest.mark.parametrize("failure", ["compile error", "no triton", "wrong numbers", "nan"])
+def test_a_kernel_failing_its_check_is_disabled_with_one_line_and_the_run_completes(
+        fresh_checks, monkeypatch, caplog, failure):
+    def broken(q, k, v, window, scale=None):
+        if failure == "compile error":
+            raise RuntimeError("torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised")
+        if failure == "no triton":
+            raise RuntimeError("Cannot find a working triton installation")
+        out = KERNELS["reference"](q, k, v, window, scale)
+        return out + 0.5 if failure == "wrong numbers" else out * float("nan")
+
+    monkeypatch.setitem(KERNELS, "blocked", _failing("blocked", broken))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        for seed in range(3):  # three model calls
+            out, full = _run_window(seed=seed)
+            torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)  # WA-RS on the same inputs = FULL
+    lines = [r.getMessage() for r in caplog.records if "'blocked' disabled" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "blocked" in fresh_checks.DISABLED
+    w = WindowSpec().bind(TokenLayout.image_only((64,)))
+    assert select_kernel(w, torch.zeros(1, 1, 64, 8)).name == "reference", "the last resort is the definition"
+
+
+def test_an_unloadable_extension_falls_back_with_one_line(fresh_checks, monkeypatch, caplog):
+    from ditfastattn_core.kernels import _warn_fallback, checked_kernel, usable_kernel
+
+    def unloadable():
+        raise OSError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice")
+
+    _warn_fallback.cache_clear()
+    monkeypatch.setitem(KERNELS, "flex", _failing("flex", KERNELS["flex"].fn, unloadable))
+    w = WindowSpec().bind(TokenLayout.image_only((64,)))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        assert usable_kernel("flex", "cpu") == "auto"
+        assert checked_kernel(w, torch.zeros(1, 1, 64, 8), "flex").name == "blocked"
+    assert len([r for r in caplog.records if "cannot be loaded" in r.getMessage()]) == 1
+
+
+def test_a_kernel_that_fails_after_its_check_is_disabled_and_the_call_reruns(fresh_checks, monkeypatch, caplog):
+    """A failure on a call the check did not see (say, a batch the kernel cannot tile)."""
+    calls = []
+
+    def fails_on_batches(q, k, v, window, scale=None):
+        calls.append(q.shape)
+        if q.shape[0] * q.shape[1] > 1:
+            raise RuntimeError("CUDA error: invalid configuration argument")
+        return KERNELS["reference"](q, k, v, window, scale)
+
+    monkeypatch.setitem(KERNELS, "blocked", _failing("blocked", fails_on_batches))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        out, full = _run_window()
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    assert calls[0][:2] == (1, 1), "checked on one row and one head first"
+    assert "blocked" in fresh_checks.DISABLED
+    assert len([r for r in caplog.records if "disabled" in r.getMessage()]) == 1
+
+
+def test_working_kernels_pass_their_check_once_per_shape(fresh_checks, monkeypatch):
+    from ditfastattn_core.kernels import checked_kernel, kernel_check
+
+    seen = []
+    original = fresh_checks.kernel_check
+
+    def counting(kernel, window, q):
+        seen.append(kernel.name)
+        return original(kernel, window, q)
+
+    monkeypatch.setattr(fresh_checks, "kernel_check", counting)
+    names = ("blocked", "flex") if KERNELS["flex"].available() else ("blocked",)
+    for name in names:
+        for dtype in (torch.float32, torch.bfloat16):
+            w = WindowSpec(dims=2, extent=(0.25, 0.25)).bind(TokenLayout.image_only((16, 16)))
+            q = torch.zeros(1, 1, 256, 16, dtype=dtype)
+            assert kernel_check(KERNELS[name], w, q) is None, (name, dtype)
+            for _ in range(3):
+                assert checked_kernel(w, q, name).name == name
+    assert sorted(seen) == sorted(n for n in names for _ in range(2)), "once per kernel and dtype"
+    assert not fresh_checks.DISABLED
