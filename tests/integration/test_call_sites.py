@@ -252,18 +252,6 @@ def test_context_windows_reuse_their_own_windows_output(tiny_wan, schedule, monk
         assert any("context windows shift from step to step" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("schedule", ["standard_static", "standard_uniform"])
-@pytest.mark.parametrize("order", ["windows_then_apply", "apply_then_windows"])
-def test_all_full_is_bit_exact_beside_context_windows(tiny_wan, schedule, order):
-    plan = _plan(tiny_wan, _all_full(tiny_wan))
-    expected = _sample(tiny_wan, context_windows(tiny_wan.patcher, schedule))
-    if order == "windows_then_apply":
-        model = apply_fastattn(context_windows(tiny_wan.patcher, schedule), plan)
-    else:
-        model = context_windows(apply_fastattn(tiny_wan.patcher, plan), schedule)
-    assert torch.equal(_sample(tiny_wan, model), expected)
-
-
 def test_wan_context_windows_node_default_schedule(tiny_wan, monkeypatch, caplog):
     import inspect
 
@@ -365,18 +353,6 @@ def test_skip_layer_guidance_calls_keep_their_own_caches(tiny_flux, simple, monk
         assert any(not r["computed"] and r["strategy"] == "T" for r in guidance)
     else:  # it does not (ComfyUI before block indices): the guidance call runs FULL and says so
         assert "replace or skip blocks" in messages and run_stats(caplog).get("replaced_blocks_full", 0) > 0
-
-
-@pytest.mark.parametrize("simple", [False, True])
-@pytest.mark.parametrize("order", ["slg_then_apply", "apply_then_slg"])
-def test_all_full_is_bit_exact_beside_skip_layer_guidance(tiny_flux, simple, order):
-    plan = _plan(tiny_flux, _all_full(tiny_flux))
-    expected = _sample(tiny_flux, _slg(tiny_flux.patcher, simple))
-    if order == "slg_then_apply":
-        model = apply_fastattn(_slg(tiny_flux.patcher, simple), plan)
-    else:
-        model = _slg(apply_fastattn(tiny_flux.patcher, plan), simple)
-    assert torch.equal(_sample(tiny_flux, model), expected)
 
 
 def _empty(tiny):
@@ -582,20 +558,28 @@ def _easycache(tiny, model):
     return _result(_node("comfy_extras.nodes_easycache", "EasyCacheNode").execute(model, 0.05, 0.0, 1.0, False))
 
 
-MODEL_PATCHES = {"PerpNeg": _perp_neg, "EasyCache": _easycache}
+MODEL_PATCHES = {
+    "context windows static": ("tiny_wan", lambda tiny, model: context_windows(model, "standard_static")),
+    "context windows uniform": ("tiny_wan", lambda tiny, model: context_windows(model, "standard_uniform")),
+    "skip-layer guidance": ("tiny_flux", lambda tiny, model: _slg(model, False)),
+    "skip-layer guidance simple": ("tiny_flux", lambda tiny, model: _slg(model, True)),
+    "PerpNeg": ("tiny_flux", _perp_neg),
+    "EasyCache": ("tiny_flux", _easycache),
+}
 
 
 @pytest.mark.parametrize("patch", sorted(MODEL_PATCHES))
 @pytest.mark.parametrize("order", ["patch_then_apply", "apply_then_patch"])
-def test_all_full_is_bit_exact_beside_model_patches(tiny_flux, patch, order):
-    add = MODEL_PATCHES[patch]
-    plan = _plan(tiny_flux, _all_full(tiny_flux))
-    expected = _sample(tiny_flux, add(tiny_flux, tiny_flux.patcher))
+def test_all_full_is_bit_exact_beside_model_patches(request, patch, order):
+    fixture, add = MODEL_PATCHES[patch]
+    tiny = request.getfixturevalue(fixture)
+    plan = _plan(tiny, _all_full(tiny))
+    expected = _sample(tiny, add(tiny, tiny.patcher))
     if order == "patch_then_apply":
-        model = apply_fastattn(add(tiny_flux, tiny_flux.patcher), plan)
+        model = apply_fastattn(add(tiny, tiny.patcher), plan)
     else:
-        model = add(tiny_flux, apply_fastattn(tiny_flux.patcher, plan))
-    assert torch.equal(_sample(tiny_flux, model), expected)
+        model = add(tiny, apply_fastattn(tiny.patcher, plan))
+    assert torch.equal(_sample(tiny, model), expected)
 
 
 def test_multigpu_split_with_skip_layer_guidance(tiny_flux, caplog):
