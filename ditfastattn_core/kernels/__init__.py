@@ -182,12 +182,12 @@ def kernel_check(kernel: WindowKernel, window: Window, q: torch.Tensor) -> str |
         raise
     except Exception as e:  # compile failures, missing Triton, unloadable extensions, ...
         return _describe(e)
-    rows = torch.linspace(0, shape[2] - 1, min(CHECK_ROWS, shape[2])).round().long().unique().to(q.device)
-    keys = torch.arange(shape[2], device=q.device)
-    mask = window.allowed(rows[:, None], keys[None, :])
-    want = torch.nn.functional.scaled_dot_product_attention(
-        qs[:, :, rows].double(), ks.double(), vs.double(), attn_mask=mask)
-    err = (out[:, :, rows].double() - want).abs().max().item()
+    # the reference in float64 on the CPU (some devices, such as MPS, have no float64)
+    rows = torch.linspace(0, shape[2] - 1, min(CHECK_ROWS, shape[2])).round().long().unique()
+    mask = window.allowed(rows[:, None], torch.arange(shape[2])[None, :])
+    qd, kd, vd = (t.cpu().double() for t in (qs, ks, vs))
+    want = torch.nn.functional.scaled_dot_product_attention(qd[:, :, rows], kd, vd, attn_mask=mask)
+    err = (out.cpu().double()[:, :, rows] - want).abs().max().item()
     tol = check_tolerance(q.dtype)
     if not math.isfinite(err) or err > tol:
         return (f"its output differs from dense attention by {err:.3g} (allowed {tol:g}) on {q.device.type} "
