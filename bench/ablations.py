@@ -2,7 +2,7 @@
 the pack's nodes in real ComfyUI (calibration mode ``--mode``, the Calibrate node's default).
 
 1. WA without the residual vs WA-RS: candidates WA_RS only vs WA only (the strategy table's
-   ablation row, letter A, which the Calibrate node takes from the API but does not show).
+   ablation row, letter A, which the Calibrate node's execute takes from Python but does not show).
    Delta is searched so both plans cost ``--target``.
 2. Each technique alone vs combined (the Calibrate node's use_* switches), each at ``--target``.
 3. 20 / 50 / 100 steps: paper and guided mode at the same delta (D4), error vs FULL at that

@@ -16,7 +16,7 @@ from .types import Plan, plan_ui
 
 CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
 """One switch per calibration candidate, from the strategy table, in try order; the node shows
-the offered ones (``Strategy.offered``), and takes an ablation's switch from the API."""
+the offered ones (``Strategy.offered``), and takes an ablation's switch from Python callers (bench/ablations.py)."""
 
 
 class CalibratePlan(io.ComfyNode):
