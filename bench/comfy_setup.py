@@ -16,17 +16,26 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def find_comfyui() -> Path:
-    """$COMFYUI_PATH, else the ComfyUI tree above the pack (it lives in <ComfyUI>/custom_nodes/<pack>):
-    above the script's path as given (a symlinked pack) or above the pack's real folder."""
-    path = os.environ.get("COMFYUI_PATH")
-    if path:
-        return Path(path)
-    for start in (Path(os.path.abspath(sys.argv[0])), ROOT):
+def comfyui_above(*starts: Path) -> Path | None:
+    """The ComfyUI tree the pack is installed in (<ComfyUI>/custom_nodes/<pack>), found above
+    any of ``starts`` (a path as given, for a symlinked pack, and the pack's real folder)."""
+    for start in starts:
         for parent in start.parents:
             if (parent / "comfy").is_dir() and (parent / "nodes.py").is_file() and (parent / "main.py").is_file():
                 return parent
-    sys.exit("no ComfyUI found above the pack: set COMFYUI_PATH to a ComfyUI tree (with its requirements installed)")
+    return None
+
+
+def find_comfyui() -> Path:
+    """$COMFYUI_PATH, else the ComfyUI tree above the pack: above the script's path as given
+    (a symlinked pack) or above the pack's real folder."""
+    path = os.environ.get("COMFYUI_PATH")
+    if path:
+        return Path(path)
+    found = comfyui_above(Path(os.path.abspath(sys.argv[0])), ROOT)
+    if found is None:
+        sys.exit("no ComfyUI found above the pack: set COMFYUI_PATH to a ComfyUI tree (with its requirements installed)")
+    return found
 
 
 def import_comfy(device: str = "cpu") -> Path:
