@@ -49,6 +49,7 @@ class ApplyConfig:
         if windows is None:
             return self._estimate_at(tuple(latent_shape))
         dim = model_options["context_handler"].dim
+        exact = all(w == windows[0] for w in windows)  # the windows stay put
         per_window: dict[int, CacheEstimate | None] = {}
         worst: CacheEstimate | None = None
         for step in range(len(windows)):
@@ -66,7 +67,7 @@ class ApplyConfig:
                 total, entry, peak_step = total + one.peak_bytes, max(entry, one.entry_bytes), one.peak_step
             if worst is None or total > worst.peak_bytes:
                 worst = CacheEstimate(total, peak_step, entry, self.cache_placement,
-                                      windows=len(alive), exact=all(w == windows[0] for w in windows))
+                                      windows=len(alive), exact=exact)
         return worst
 
     def _estimate_at(self, latent_shape: tuple[int, ...]) -> CacheEstimate | None:

@@ -22,6 +22,7 @@ calls of one step:
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -45,22 +46,6 @@ class CallSite:
     @property
     def is_guidance(self) -> bool:
         return self.guidance > 0 or bool(self.replaced)
-
-    def describe(self) -> str:
-        parts = []
-        if self.frames is not None:
-            parts.append(f"context window of frames {_frames_text(self.frames)}")
-        if self.guidance:
-            parts.append(f"guidance call {self.guidance} of each model evaluation")
-        if self.replaced:
-            parts.append("with blocks " + ", ".join(self.replaced) + " replaced or skipped")
-        return "; ".join(parts) or "the sampler's model call"
-
-
-def _frames_text(frames: tuple[int, ...]) -> str:
-    if len(frames) > 2 and list(frames) == list(range(frames[0], frames[0] + len(frames))):
-        return f"{frames[0]}-{frames[-1]}"
-    return ",".join(map(str, frames))
 
 
 def window_frames(options: Mapping[str, Any]) -> tuple[int, ...] | None:
@@ -162,8 +147,6 @@ def context_windows(model_options: Mapping[str, Any], latent_shape: tuple[int, .
     in ``window_frames``; None when the model has no context handler or the latent is short
     enough to run whole. Asks the handler's own schedule, step by step (uniform schedules shift
     their windows with the step)."""
-    import copy
-
     handler = model_options.get("context_handler")
     schedule = getattr(handler, "context_schedule", None)
     dim = getattr(handler, "dim", None)
