@@ -57,6 +57,8 @@ class CallContext:
     cfg_pair:       the chunks' branches are a CFG pair (0 = positive, 1 = negative), so CFG
                     sharing may copy one to the other; False for guiders whose cond lists mean
                     something else (Dual CFG's [negative, middle, positive]).
+    cfg_elsewhere:  the call holds part of its CFG chunks, the others run on other GPUs
+                    (raylight's CFG parallel): CFG sharing has nothing to share with.
     """
 
     step: int | None
@@ -68,6 +70,7 @@ class CallContext:
     site: Hashable = PLAIN_SITE
     conds: tuple[Hashable, ...] | None = None
     cfg_pair: bool = True
+    cfg_elsewhere: bool = False
     _kernels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     """The window kernel chosen per (device, dtype, head dim)."""
 

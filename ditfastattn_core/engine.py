@@ -221,6 +221,10 @@ def cfg_sources(strategy: Strategy, layer: int, ctx: CallContext, chunks: list[C
     computing call does; the module-output keeper asks the same question again)."""
     if not strategy.shares_cfg:
         return {}
+    if ctx.cfg_elsewhere:
+        if count:
+            state.count("asc_cfg_parallel", sum(c.branch == UNCOND for c in chunks))
+        return {}
     if not ctx.cfg_pair:
         if count and len(chunks) > 1:
             state.count("asc_not_cfg_pair")

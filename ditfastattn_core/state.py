@@ -218,9 +218,9 @@ class RunState:
         conflict = entry is not None and entry.step == step and entry.source != key  # None: already ambiguous
         self.shared_cond[slot] = _Shared(step, tensor, None if conflict else key)
 
-    def count(self, what: str) -> None:
-        if not self.frozen:
-            self.stats[what] += 1
+    def count(self, what: str, n: int = 1) -> None:
+        if not self.frozen and n:
+            self.stats[what] += n
 
     def miss(self, what: str) -> None:
         self.misses += 1

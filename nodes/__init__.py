@@ -8,6 +8,7 @@ from . import demo, plan_folder, routes
 from .apply import ApplyFastAttn
 from .calibrate import CalibratePlan
 from .plans import LoadPlan, SavePlan
+from .raylight import ApplyFastAttnRay
 
 plan_folder.register()
 demo.register()
@@ -16,5 +17,5 @@ routes.register()
 
 class FastAttnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CalibratePlan, ApplyFastAttn, LoadPlan, SavePlan, demo.DemoClassConditioning,
+        return [CalibratePlan, ApplyFastAttn, ApplyFastAttnRay, LoadPlan, SavePlan, demo.DemoClassConditioning,
                 demo.DemoLatentToImage]

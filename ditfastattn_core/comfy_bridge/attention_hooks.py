@@ -49,18 +49,22 @@ def place_call(
 
     ``block`` carries the call's ``block_type`` / ``block_index`` where the model sets them
     (its transformer_options, or the patched module's own index)."""
-    if seq_q != seq_k or call.grid is None:
-        return None  # cross-attention, or a call we cannot place
+    if seq_q != seq_k or call.grid is None or call.run.full_reason is not None:
+        return None  # cross-attention, a call we cannot place, or a run that is FULL
+    part = None
     if call.rows is not None and rows != call.rows:
-        # a DIFFUSION_MODEL wrapper ran the model on part of the batch (raylight's CFG parallel
-        # keeps one branch per rank but leaves cond_or_uncond listing both): the branch of each
-        # row is unknown here, so these calls are not split into CFG chunks, not cached
-        call.state.count("rows_unknown")
-        call.run.report("rows", f"attention saw {rows} batch rows where its model call had {call.rows} (a wrapper "
-                        "split the batch, e.g. raylight's CFG parallel): which CFG branch each row is cannot be "
-                        "known, so those calls ran FULL")
-        return None
-    ctx = call.context(seq_q)
+        # a DIFFUSION_MODEL wrapper ran the model on part of the batch: raylight's CFG parallel
+        # keeps one branch per rank but leaves cond_or_uncond listing both (``cfg_part`` says
+        # which chunks this rank holds); where the branch of each row cannot be known, these
+        # calls are not split into CFG chunks, not cached
+        part = call.cfg_part(rows)
+        if part is None:
+            call.state.count("rows_unknown")
+            call.run.report("rows", f"attention saw {rows} batch rows where its model call had {call.rows} (a "
+                            "wrapper split the batch): which CFG branch each row is cannot be known, so those "
+                            "calls ran FULL")
+            return None
+    ctx = call.context(seq_q, part)
     if ctx is None:
         return None  # text refiner
     run, geometry = call.run, call.run.geometry

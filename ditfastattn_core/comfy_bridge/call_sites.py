@@ -134,6 +134,9 @@ def explain_misses(stats: Mapping[str, int], site_misses: Mapping[tuple[str, Any
         lines.append(f"calls with several positive conds (ConditioningCombine, area or mask conds): no single "
                      f"conditional output to share, so ASC computed the negative too ({stats['asc_several_conds']} "
                      "layer calls)")
+    if stats.get("asc_cfg_parallel"):
+        lines.append(f"raylight's CFG parallel runs the conditional branch on another GPU: ASC computed the "
+                     f"unconditional branch itself ({stats['asc_cfg_parallel']} layer calls)")
     if stats.get("asc_miss"):
         lines.append(f"ASC found no conditional output of the same call at this step (cond and uncond on other "
                      f"devices or calls): {stats['asc_miss']} unconditional layer calls ran FULL")

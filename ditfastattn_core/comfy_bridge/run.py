@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ..strategies import COND, Strategy
 from ..window import TokenLayout, WindowSpec
 from .call_sites import CallSite, SiteTracker, explain_misses
 from .families import OVERRIDE, Geometry, UnplaceableCall
+
+if TYPE_CHECKING:
+    from .raylight import ParallelGroups
 
 log = logging.getLogger("ditfastattn")
 
@@ -55,6 +58,11 @@ class Run:
         """Which of a step's model calls each call is (context windows, guidance calls)."""
         self.notes: list[str] = []
         """Why strategies ran FULL, explained once at the end of the run (log and node summary)."""
+        self.parallel: ParallelGroups | None = None
+        """raylight's parallel groups where this run is on one of its workers (set by
+        ``raylight.open_route`` as the run starts)."""
+        self.full_reason: str | None = None
+        """Why every layer of this run is FULL (said once at its start), or None."""
 
     @functools.cached_property
     def hooks_attention(self) -> bool:
@@ -137,6 +145,12 @@ class Run:
         return stats
 
     # --- shared bookkeeping ---------------------------------------------------------------
+    def run_full(self, reason: str) -> None:
+        """Run every layer FULL (the attention hooks place nothing), and say why once."""
+        self.full_reason = reason
+        self.state.count("parallel_full")
+        self.report("full", reason)
+
     def report(self, key: str, message: str) -> None:
         """Log ``message`` once per run."""
         with self.lock:
@@ -191,24 +205,41 @@ class ModelCall:
     """The batch rows of the model call: an attention call over other rows was split off."""
     layers_seen: int = 0
     layers_done: set[int] = field(default_factory=set)
-    contexts: dict[int, CallContext | None] = field(default_factory=dict)
+    contexts: dict[tuple, CallContext | None] = field(default_factory=dict)
 
     def restart(self) -> None:
         """The model call runs again from its first layer (nothing reached the engine yet)."""
         self.layers_seen = 0
         self.layers_done.clear()
 
-    def context(self, seq_len: int) -> CallContext | None:
+    def cfg_part(self, rows: int) -> slice | None:
+        """The chunks of ``cond_or_uncond`` an attention call over ``rows`` of this call's rows
+        holds, where raylight's CFG parallel split the batch (rank r of w keeps the r-th w-th of
+        the rows, transformer_options untouched); None where the rows cannot be told."""
+        groups = self.run.parallel
+        n = len(self.cond_or_uncond)
+        if groups is None or groups.cfg_world < 2 or self.rows != rows * groups.cfg_world or n % groups.cfg_world:
+            return None
+        per = n // groups.cfg_world
+        return slice(groups.cfg_rank * per, (groups.cfg_rank + 1) * per)
+
+    def context(self, seq_len: int, part: slice | None = None) -> CallContext | None:
         """The engine's context for this call's self-attention over ``seq_len`` tokens (built
-        once per token count); None where those tokens are not the image's (a text refiner)."""
-        if seq_len not in self.contexts:
+        once per token count) of the chunks ``part`` (all by default); None where those tokens
+        are not the image's (a text refiner)."""
+        key = (seq_len, None if part is None else (part.start, part.stop))
+        if key not in self.contexts:
             tokens = self.run.geometry.token_layout(seq_len, self.grid, self.text_len)
-            self.contexts[seq_len] = None if tokens is None else CallContext(
-                step=self.step, cond_or_uncond=self.cond_or_uncond, tokens=tokens,
+            branches, conds, elsewhere = self.cond_or_uncond, self.conds, False
+            if part is not None:  # the other CFG chunks are on other GPUs
+                branches, elsewhere = branches[part], True
+                conds = None if conds is None else conds[part]
+            self.contexts[key] = None if tokens is None else CallContext(
+                step=self.step, cond_or_uncond=branches, tokens=tokens,
                 window=self.run.window, kernel=self.run.kernel, module_outputs=self.run.module_outputs,
-                site=self.site, conds=self.conds, cfg_pair=self.cfg_pair,
+                site=self.site, conds=conds, cfg_pair=self.cfg_pair and not elsewhere, cfg_elsewhere=elsewhere,
             )
-        return self.contexts[seq_len]
+        return self.contexts[key]
 
 
 def check_window(geometry: Geometry, window: WindowSpec, latent_shape: tuple[int, ...], fix: str) -> None:

@@ -2,7 +2,8 @@
 
 OUTER_SAMPLE creates the run from the installed config on a per-run copy of the model
 options, attaches the attention override there (outermost, chaining whatever override the
-graph set, also one set after Apply), and frees everything in ``finally``. PREDICT_NOISE and
+graph set, also one set after Apply) or, on a raylight worker under sequence parallelism, the
+route into xfuser's attention (``raylight.open_route``), and frees everything in ``finally``. PREDICT_NOISE and
 CALC_COND_BATCH tell the run's ``SiteTracker`` which of a step's model calls comes next (the
 sampler's own, a context window, a guidance call) and hand each calc_cond_batch to the run
 (calibration decides there). APPLY_MODEL starts each model call and puts it in the
@@ -18,6 +19,7 @@ from .attention_hooks import CallSlot, is_ours, make_override
 from .call_sites import replaced_blocks
 from .families import OVERRIDE
 from .keys import COMPILE_WRAPPER_KEY, CONFIG_KEY, OVERRIDE_KEY, RUN_KEY
+from .raylight import SequenceRoute, open_route
 from .run import ModelCall, Run
 
 
@@ -40,16 +42,22 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
         options = guider.model_options.setdefault("transformer_options", {})
         config = options.get(CONFIG_KEY)
         run: Run | None = None
+        route: SequenceRoute | None = None
         try:
             if config is not None:
                 run = config.start_run(args[3], tuple(args[0].shape), guider.model_options)
                 run.sites.base_replaced = replaced_blocks(options)
                 options[RUN_KEY] = run
+                if run.hooks_attention:
+                    route = open_route(run, guider.model_patcher, slot)  # on a raylight worker
                 current = options.get(OVERRIDE_KEY)
-                if config.geometry.attach == OVERRIDE and run.hooks_attention and not is_ours(current):
+                if config.geometry.attach == OVERRIDE and run.hooks_attention and route is None \
+                        and not is_ours(current):
                     options[OVERRIDE_KEY] = override_chaining(current)
             return executor(*args, **kwargs)
         finally:
+            if route is not None:
+                route.close(run)
             if run is not None:
                 run.finish()
             options.pop(RUN_KEY, None)

@@ -89,6 +89,7 @@ def test_load_refuses_unknown_names_without_server_paths(pack, plans_dir):
 def test_display_names_and_search_aliases(pack):
     names = {k: cls.GET_SCHEMA().display_name for k, cls in pack.items()}
     assert names == {"DiTFastAttn_Calibrate": "Calibrate FastAttn Plan", "DiTFastAttn_Apply": "Apply FastAttn",
+                     "DiTFastAttn_ApplyRay": "Apply FastAttn (Ray)",
                      "DiTFastAttn_LoadPlan": "Load Plan", "DiTFastAttn_SavePlan": "Save Plan",
                      "DiTFastAttn_DemoClassConditioning": "FastAttn Demo Class",
                      "DiTFastAttn_DemoLatentToImage": "FastAttn Demo Latent to Image"}
