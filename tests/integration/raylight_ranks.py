@@ -50,17 +50,22 @@ def load_xfuser_on_cpu(raylight_src: str) -> None:
     envs.get_device_name = lambda: "cpu"
 
 
-def init_groups(rank: int, world: int, port: int, ulysses: int, cfg: int) -> None:
+def init_groups(rank: int, job: dict) -> None:
+    """RayWorker.__init__: the process group, then (raylight's xDiT modes) xfuser's groups; data
+    parallel ("dp") initialises no xfuser groups, as raylight's workers do."""
     import raylight.distributed_modules.attention as xfuser_attn
     from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo", rank=rank, world_size=job["world"], init_method=f"tcp://127.0.0.1:{job['port']}")
+    if job.get("dp"):
+        return
     xfuser_attn.set_attn_type("TORCH_MATH")
     xfuser_attn.set_sync_ulysses(False)
-    init_distributed_environment(rank=rank, world_size=world)
-    initialize_model_parallel(data_parallel_degree=1, sequence_parallel_degree=ulysses,
-                              classifier_free_guidance_degree=cfg, ring_degree=1, ulysses_degree=ulysses,
-                              pipeline_parallel_degree=1)
+    init_distributed_environment(rank=rank, world_size=job["world"])
+    ulysses, ring = job["ulysses"], job.get("ring", 1)
+    initialize_model_parallel(data_parallel_degree=1, sequence_parallel_degree=ulysses * ring,
+                              classifier_free_guidance_degree=job["cfg_degree"], ring_degree=ring,
+                              ulysses_degree=ulysses, pipeline_parallel_degree=1)
 
 
 class Stats(logging.Handler):
@@ -79,7 +84,7 @@ def main(job_path: str, rank: int) -> None:
 
     args.cpu = True
     load_xfuser_on_cpu(job["raylight"])
-    init_groups(rank, job["world"], job["port"], job["ulysses"], job["cfg_degree"])
+    init_groups(rank, job)
 
     import comfy.patcher_extension as ext
     import comfy.sample
@@ -88,8 +93,11 @@ def main(job_path: str, rank: int) -> None:
     from raylight.distributed_modules.usp import USPInjectRegistry
 
     model = getattr(tiny, job["family"])()
+    if job.get("text_len"):  # a prompt whose token count does not divide by the ranks
+        model.positive[0][0] = model.positive[0][0][:, :job["text_len"]]
+        model.negative[0][0] = model.negative[0][0][:, :job["text_len"]]
     patcher = model.patcher
-    if job["ulysses"] > 1:  # RayWorker.patch_usp
+    if job["ulysses"] * job.get("ring", 1) > 1:  # RayWorker.patch_usp
         patcher.add_callback(ext.CallbacksMP.ON_LOAD, USPInjectRegistry.inject)
     if job["cfg_degree"] > 1:  # RayWorker.patch_cfg
         patcher.add_wrapper(ext.WrappersMP.DIFFUSION_MODEL, CFGParallelInjectRegistry.inject(patcher))
@@ -109,6 +117,51 @@ def main(job_path: str, rank: int) -> None:
                                   model.negative, latent, seed=0, disable_pbar=True)
     torch.save({"samples": out, "log": stats.lines}, Path(job["out"]) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+class WorkerStandIn:
+    """A Ray actor with the methods of raylight's RayWorker that Apply FastAttn (Ray) calls
+    (``model_function_runner``, ``model_function_runner_get_values``, ``get_parallel_dict``) on
+    a tiny CPU model (a RayWorker needs CUDA), plus ``sample`` as its samplers do: Ray's own
+    transport carries the plan to a process that never loaded the pack."""
+
+    def __init__(self, comfyui: str, family: str, parallel_dict: dict) -> None:
+        sys.path.insert(0, comfyui)
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import tiny
+
+        self.tiny = getattr(tiny, family)()
+        self.model = self.tiny.patcher
+        self.parallel_dict = parallel_dict
+        self.stats = Stats()
+        logging.getLogger("ditfastattn").addHandler(self.stats)
+        logging.getLogger("ditfastattn").setLevel(logging.INFO)
+
+    def model_function_runner(self, fn, *args, **kwargs):
+        self.model = fn(self.model, *args, **kwargs)
+
+    def model_function_runner_get_values(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+    def get_parallel_dict(self) -> dict:
+        return self.parallel_dict
+
+    def loaded_pack(self) -> bool:
+        """Whether this process has the pack's core loaded (only a plan sent here loads it)."""
+        return "ditfastattn_core" in sys.modules
+
+    def sample(self, steps: int, cfg: float) -> dict:
+        import comfy.sample
+
+        latent = self.tiny.latent
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        self.stats.lines.clear()
+        with torch.no_grad():
+            out = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", self.tiny.positive,
+                                      self.tiny.negative, latent, seed=0, disable_pbar=True)
+        return {"samples": out, "log": list(self.stats.lines)}
 
 
 if __name__ == "__main__":

@@ -42,13 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, family: str, *, ulysses: int = 1, cfg_degree: int = 1, plan=None) -> list[dict]:
-    """Sample on ``ulysses * cfg_degree`` ranks; per rank its samples and its FastAttn log."""
+def run_ranks(tmp_path: Path, family: str, *, ulysses: int = 1, cfg_degree: int = 1, plan=None, ring: int = 1,
+              dp: int = 1, text_len: int | None = None) -> list[dict]:
+    """Sample on ``ulysses * ring * cfg_degree * dp`` ranks; per rank its samples and FastAttn log."""
     from ray import cloudpickle
 
     from ditfastattn_core.comfy_bridge import raylight_worker
 
-    world = ulysses * cfg_degree
+    world = ulysses * ring * cfg_degree * dp
     out = Path(tempfile.mkdtemp(prefix=f"{family}-u{ulysses}-c{cfg_degree}-", dir=tmp_path))
     payload = out / "install.pkl"
     cloudpickle.register_pickle_by_value(raylight_worker)
@@ -57,7 +58,8 @@ def run_ranks(tmp_path: Path, family: str, *, ulysses: int = 1, cfg_degree: int 
     finally:
         cloudpickle.unregister_pickle_by_value(raylight_worker)
     job = {"comfyui": os.environ["COMFYUI_PATH"], "raylight": str(RAYLIGHT), "world": world, "port": free_port(),
-           "ulysses": ulysses, "cfg_degree": cfg_degree, "family": family, "steps": STEPS, "cfg": CFG,
+           "ulysses": ulysses, "ring": ring, "cfg_degree": cfg_degree, "dp": dp > 1, "text_len": text_len,
+           "family": family, "steps": STEPS, "cfg": CFG,
            "plan": None if plan is None else plan.to_json(), "payload": str(payload), "pack_root": str(ROOT),
            "options": {"kernel": "auto", "step_mode": "strict", "cache_placement": CachePlacement.DEVICE.value}, "out": str(out)}
     (out / "job.json").write_text(json.dumps(job))
@@ -159,3 +161,97 @@ def _apply(tiny, plan):
     from ditfastattn_core.comfy_bridge import apply_fastattn
 
     return apply_fastattn(tiny.patcher, plan)
+
+
+def test_usp_and_cfg_parallel_together(tmp_path):
+    tiny = BUILDERS["flux"]()
+    plan = plan_for(tiny, uniform(tiny, "W"))
+    single = sample(tiny, _apply(tiny, plan), cfg=CFG)
+    for result in run_ranks(tmp_path, "flux", ulysses=2, cfg_degree=2, plan=plan):
+        counts = stats(result)
+        assert counts.get("window", 0) > 0 and "rows_unknown" not in counts and "usp_unsplit" not in counts, counts
+        assert close(result["samples"], single)
+
+
+def test_data_parallel_runs_the_plan_on_each_worker(tmp_path):
+    tiny = BUILDERS["wan"]()
+    plan = plan_for(tiny, uniform(tiny, "X"))
+    single = sample(tiny, _apply(tiny, plan), cfg=CFG)
+    for result in run_ranks(tmp_path, "wan", dp=2, plan=plan):
+        counts = stats(result)
+        assert counts.get("window", 0) > 0 and counts.get("cfg_copy", 0) > 0, counts
+        assert close(result["samples"], single, 1e-6)
+
+
+def test_ring_degree_runs_full_and_says_so(tmp_path):
+    tiny = BUILDERS["flux"]()
+    plain = run_ranks(tmp_path, "flux", ring=2)
+    ranks = run_ranks(tmp_path, "flux", ring=2, plan=plan_for(tiny, uniform(tiny, "W")))
+    for a, b in zip(plain, ranks, strict=True):
+        assert stats(b) == {"parallel_full": 1}
+        assert any("ring degree 2" in line and "the run is FULL" in line for line in b["log"])
+        assert torch.equal(a["samples"], b["samples"])
+
+
+def test_a_padded_split_runs_full_and_says_so(tmp_path):
+    """7 text tokens over 2 GPUs: raylight pads the text (and the joint sequence), so no layer's
+    tokens are where the window expects them: FULL, said once, bit-exact to raylight alone."""
+    tiny = BUILDERS["flux"]()
+    plain = run_ranks(tmp_path, "flux", ulysses=2, text_len=7)
+    ranks = run_ranks(tmp_path, "flux", ulysses=2, text_len=7, plan=plan_for(tiny, uniform(tiny, "W")))
+    for a, b in zip(plain, ranks, strict=True):
+        counts = stats(b)
+        assert counts.get("usp_unsplit", 0) > 0 and "window" not in counts, counts
+        assert sum("divide by the number of GPUs" in line for line in b["log"]) == 1
+        assert torch.equal(a["samples"], b["samples"])
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(RANKS.parent), "OMP_NUM_THREADS": "1"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_apply_fastattn_ray_sends_the_plan_through_ray(ray_local, pack):
+    """The node on real Ray actors (raylight's RayWorker methods on a CPU stand-in): the plan is
+    installed in processes that never loaded the pack, refused there when it does not fit."""
+    sys.path.insert(0, str(RANKS.parent))
+    import raylight_ranks
+
+    ray = ray_local
+    tiny = BUILDERS["flux"]()
+    actor = ray.remote(raylight_ranks.WorkerStandIn)
+    dp = {"is_xdit": False, "is_fsdp": False, "global_world_size": 2}
+    workers = [actor.remote(os.environ["COMFYUI_PATH"], "flux", dp) for _ in range(2)]
+    assert not any(ray.get([w.loaded_pack.remote() for w in workers]))
+    node = pack["DiTFastAttn_ApplyRay"]
+    plan = plan_for(tiny, uniform(tiny, "W"))
+    out = node.execute({"workers": workers}, plan, "auto", "strict")
+    assert out.result[0] == {"workers": workers}
+    summary = out.ui["ditfastattn_plan"][0]["summary"]
+    assert "raylight: data parallel: each GPU runs the plan as on one GPU" in summary, summary
+    single = sample(tiny, _apply(tiny, plan), cfg=CFG)
+    for result in ray.get([w.sample.remote(STEPS, CFG) for w in workers]):
+        assert stats(result).get("window", 0) > 0
+        assert close(result["samples"], single, 1e-6)
+    wan = BUILDERS["wan"]()
+    with pytest.raises(ValueError, match="FastAttn on the raylight workers: .*wan"):
+        node.execute({"workers": workers}, plan_for(wan, uniform(wan, "W")), "auto", "strict")
+
+
+def test_the_node_says_what_each_raylight_mode_does():
+    from ditfastattn_core.comfy_bridge.raylight import parallel_summary
+
+    usp = {"is_xdit": True, "ulysses_degree": 4, "ring_degree": 1, "cfg_degree": 1}
+    assert "every GPU follows the plan" in parallel_summary(usp, "wan")
+    assert "FULL for qwen_image" in parallel_summary(usp, "qwen_image")
+    assert "ring degree 2: FULL" in parallel_summary({**usp, "ring_degree": 2}, "flux")
+    assert "ASC runs FULL" in parallel_summary({**usp, "cfg_degree": 2}, "flux")
+    assert "FSDP: each GPU" in parallel_summary({"is_fsdp": True}, "flux")
+    assert "PipeFusion" in parallel_summary({"pipefusion_enabled": True}, "flux")
