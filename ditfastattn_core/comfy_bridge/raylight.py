@@ -340,10 +340,12 @@ def parallel_summary(parallel: Mapping[str, Any], family: str) -> str:
             lines.append(f"sequence parallel (Ulysses {ulysses}): FULL for {label} (mapped: "
                          f"{', '.join(sorted(USP_FAMILIES))})")
         else:
-            lines.append(f"sequence parallel (Ulysses {ulysses}): every GPU follows the plan on its heads; text and "
-                         f"image token counts must divide by {ulysses} (else those layers run FULL)")
+            lines.append(f"sequence parallel (Ulysses {ulysses}): every GPU follows the plan on its heads and holds "
+                         f"1/{ulysses} of the caches; text and image token counts must divide by {ulysses} (else "
+                         "those layers run FULL)")
     if parallel.get("is_xdit") and int(parallel.get("cfg_degree") or 1) > 1:
-        lines.append("CFG parallel: WA-RS and AST per GPU; ASC runs FULL (the conditional branch is on another GPU)")
+        lines.append("CFG parallel: WA-RS and AST per GPU, each holding its branch's caches; ASC runs FULL (the "
+                     "conditional branch is on another GPU)")
     if not lines:
         mode = "FSDP" if parallel.get("is_fsdp") else "data parallel"
         lines.append(f"{mode}: each GPU runs the plan as on one GPU")
