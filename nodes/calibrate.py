@@ -12,7 +12,7 @@ from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, cali
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.strategies import CANDIDATE_ORDER, SWITCHES, SWITCHES_IN_PLACE
 from ..ditfastattn_core.window import PRESETS as WINDOWS
-from .types import Plan, plan_ui
+from .types import Plan, check_window_kernel, plan_ui
 
 CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
 """One switch per calibration candidate, from the strategy table; the node shows the offered ones
@@ -78,6 +78,11 @@ class CalibratePlan(io.ComfyNode):
             ],
             outputs=[Plan.Output(), io.Latent.Output(), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def validate_inputs(cls, window_kernel: str = "auto") -> bool | str:
+        """Takes only ``window_kernel``: ComfyUI reports a refusal once per argument listed here."""
+        return check_window_kernel(window_kernel)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import stat
 from pathlib import Path
@@ -69,7 +70,6 @@ def test_save_accepts_plain_names(pack, name):
 
 def test_save_validates_only_its_name(pack):
     """ComfyUI reports a refused validation once per argument validate_inputs takes."""
-    import inspect
 
     assert list(inspect.signature(pack["DiTFastAttn_SavePlan"].validate_inputs).parameters) == ["name"]
 
@@ -157,3 +157,13 @@ def test_a_new_strategy_appends_its_switch(pack):
     appended = calibrate.switch_inputs((*SWITCHES, new), in_place=False)
     assert in_place == ["use_ast", "use_wa_rs_asc", "use_wa_rs", "use_asc"]
     assert [i.id for i in appended] == ["use_sparse"] and appended[0].optional
+
+
+@pytest.mark.parametrize("node", ["DiTFastAttn_Apply", "DiTFastAttn_ApplyRay", "DiTFastAttn_Calibrate"])
+def test_an_unknown_window_kernel_is_refused_before_the_run(pack, node):
+    """On every ComfyUI (0.3.64 does not check a V3 combo's value itself), once: on window_kernel."""
+    validate = pack[node].validate_inputs
+    assert list(inspect.signature(validate).parameters) == ["window_kernel"]
+    assert validate(window_kernel="auto") is True
+    message = validate(window_kernel="triton-magic")
+    assert isinstance(message, str) and "unknown window kernel 'triton-magic'" in message and "blocked" in message
