@@ -65,6 +65,7 @@ class _Row(NamedTuple):
     candidate_rank: int | None
     description: str
     offered: bool = True
+    switch: int | None = None
 
 
 class Strategy(enum.Enum):
@@ -77,21 +78,23 @@ class Strategy(enum.Enum):
     WA_RS = _Row(
         "W", "WA-RS", "#3b82f6", Compute.WINDOW, shares_cfg=False, reads=(Cache.RESIDUAL,), writes=(),
         candidate_rank=2, description="WA-RS: window attention plus the residual cached at the last full step.",
+        switch=2,
     )
     ASC = _Row(
         "C", "ASC", "#f59e0b", Compute.DENSE, shares_cfg=True, reads=(Cache.SHARED_COND,),
         writes=(Cache.SHARED_COND,), candidate_rank=3,
-        description="ASC: attention for the conditional rows only, copied to the unconditional.",
+        description="ASC: attention for the conditional rows only, copied to the unconditional.", switch=3,
     )
     WA_RS_ASC = _Row(
         "X", "WA-RS+ASC", "#10b981", Compute.WINDOW, shares_cfg=True, reads=(Cache.RESIDUAL, Cache.SHARED_COND),
         writes=(Cache.SHARED_COND,), candidate_rank=1,
         description="WA-RS + ASC: window attention with residual (conditional residual), conditional rows "
-        "only, copied to the unconditional.",
+        "only, copied to the unconditional.", switch=1,
     )
     AST = _Row(
         "T", "AST", "#ef4444", Compute.REUSE, shares_cfg=False, reads=(Cache.OUTPUT,), writes=(),
         candidate_rank=0, description="AST: reuse a layer's output from the previous step; no attention at all.",
+        switch=0,
     )
     WA = _Row(
         "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=4,
@@ -102,7 +105,7 @@ class Strategy(enum.Enum):
     def __new__(
         cls, letter: str, label: str, colour: str, compute: Compute, shares_cfg: bool,
         reads: tuple[Cache, ...], writes: tuple[Cache, ...], candidate_rank: int | None, description: str,
-        offered: bool = True,
+        offered: bool = True, switch: int | None = None,
     ) -> Strategy:
         member = object.__new__(cls)
         member._value_ = letter
@@ -123,6 +126,11 @@ class Strategy(enum.Enum):
         member.offered = offered
         """The Calibrate node shows it and it is a default candidate; False for ablations,
         which calibration still takes when asked (``bench/ablations.py``)."""
+        member.switch = switch
+        """Where the Calibrate node's ``use_...`` switch of an offered candidate sits among the
+        switches. Saved workflows keep widget values by position, so a switch keeps its number
+        for ever: a new strategy takes the next free number and its switch is appended after
+        the node's other inputs, optional (``SWITCHES_IN_PLACE``)."""
         return member
 
     @property
@@ -183,6 +191,13 @@ CANDIDATE_ORDER: tuple[Strategy, ...] = tuple(
 
 OFFERED_CANDIDATES: tuple[Strategy, ...] = tuple(s for s in CANDIDATE_ORDER if s.offered)
 """The candidates the Calibrate node offers, and the default ones (no ablations)."""
+
+SWITCHES: tuple[Strategy, ...] = tuple(sorted(OFFERED_CANDIDATES, key=lambda s: s.switch))
+"""The offered candidates in the order of their Calibrate node switches (``Strategy.switch``)."""
+
+SWITCHES_IN_PLACE = 4
+"""Switches numbered below this sit where the node had them when workflows were first saved
+(between ``mode`` and ``window``); later ones come after every other input."""
 
 
 def legend() -> list[dict[str, str]]:

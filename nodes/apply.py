@@ -8,7 +8,7 @@ from ..ditfastattn_core.comfy_bridge import apply_config, install
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.state import CachePlacement
 from ..ditfastattn_core.steps import STEP_MODES, STRICT
-from .types import Plan, describe, plan_ui
+from .types import Plan, check_window_kernel, describe, plan_ui
 
 
 class ApplyFastAttn(io.ComfyNode):
@@ -43,6 +43,11 @@ class ApplyFastAttn(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with FastAttn; bypass this node to turn it off.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, window_kernel: str = "auto") -> bool | str:
+        """Takes only ``window_kernel``: ComfyUI reports a refusal once per argument listed here."""
+        return check_window_kernel(window_kernel)
 
     @classmethod
     def execute(cls, model, plan, window_kernel: str, step_matching: str,

@@ -10,13 +10,22 @@ from comfy_api.latest import io
 from ..ditfastattn_core.calibrate import GUIDED, MODES
 from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
 from ..ditfastattn_core.kernels import kernel_names
-from ..ditfastattn_core.strategies import CANDIDATE_ORDER
+from ..ditfastattn_core.strategies import CANDIDATE_ORDER, SWITCHES, SWITCHES_IN_PLACE
 from ..ditfastattn_core.window import PRESETS as WINDOWS
-from .types import Plan, plan_ui
+from .types import Plan, check_window_kernel, plan_ui
 
 CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
-"""One switch per calibration candidate, from the strategy table, in try order; the node shows
-the offered ones (``Strategy.offered``), and takes an ablation's switch from Python callers (bench/ablations.py)."""
+"""One switch per calibration candidate, from the strategy table; the node shows the offered ones
+(``Strategy.offered``), and takes an ablation's switch from Python callers (bench/ablations.py)."""
+
+
+def switch_inputs(strategies, in_place: bool) -> list:
+    """The node's ``use_...`` inputs of the offered candidates, by ``Strategy.switch``: those in
+    place (required, where saved workflows have them) or the later ones (optional, appended),
+    so that a new strategy never shifts the widget values of a saved workflow."""
+    return [io.Boolean.Input(f"use_{s.name.lower()}", default=True, tooltip=s.description,
+                             **({} if in_place else {"optional": True}))
+            for s in strategies if (s.switch < SWITCHES_IN_PLACE) == in_place]
 
 
 class CalibratePlan(io.ComfyNode):
@@ -49,8 +58,7 @@ class CalibratePlan(io.ComfyNode):
                                "model half paper mode's error at equal FLOPs). fast: one forward per step plus "
                                "a reference, local errors with a learned scale (about two generations). paper: "
                                "the paper's greedy search on the whole output (4L+2 forwards per step)."),
-                *[io.Boolean.Input(name, default=True, tooltip=s.description)
-                  for name, s in CANDIDATE_INPUTS.items() if s.offered],
+                *switch_inputs(SWITCHES, in_place=True),
                 io.Combo.Input("window", options=list(WINDOWS), default="band 1/8 (paper)",
                                tooltip="The window of WA-RS; stored in the plan."),
                 io.Int.Input("samples", default=1, min=1, max=64,
@@ -66,9 +74,15 @@ class CalibratePlan(io.ComfyNode):
                                  "(the output of a previous sampler with leftover noise)."),
                 io.Boolean.Input("return_with_leftover_noise", default=False, optional=True,
                                  tooltip="As KSamplerAdvanced: on to hand a noisy latent to the next sampler."),
+                *switch_inputs(SWITCHES, in_place=False),
             ],
             outputs=[Plan.Output(), io.Latent.Output(), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def validate_inputs(cls, window_kernel: str = "auto") -> bool | str:
+        """Takes only ``window_kernel``: ComfyUI reports a refusal once per argument listed here."""
+        return check_window_kernel(window_kernel)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,

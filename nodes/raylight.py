@@ -8,7 +8,7 @@ from ..ditfastattn_core.comfy_bridge.raylight import install_on_workers
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.state import CachePlacement
 from ..ditfastattn_core.steps import STEP_MODES, STRICT
-from .types import Plan, describe, plan_ui
+from .types import Plan, check_window_kernel, describe, plan_ui
 
 RayActors = io.Custom("RAY_ACTORS")
 """raylight's socket type for its Ray workers (Load Diffusion Model (Ray) outputs it)."""
@@ -38,6 +38,11 @@ class ApplyFastAttnRay(io.ComfyNode):
             outputs=[RayActors.Output(tooltip="The same workers, their models with FastAttn: connect raylight's "
                                       "sampler here.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, window_kernel: str = "auto") -> bool | str:
+        """Takes only ``window_kernel``: ComfyUI reports a refusal once per argument listed here."""
+        return check_window_kernel(window_kernel)
 
     @classmethod
     def execute(cls, ray_actors, plan, window_kernel: str, step_matching: str,

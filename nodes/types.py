@@ -6,6 +6,7 @@ import dataclasses
 
 from comfy_api.latest import io
 
+from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.plan import Plan as PlanData
 from ..ditfastattn_core.strategies import legend
 
@@ -26,6 +27,14 @@ def plan_ui(plan: PlanData, summary: str) -> dict:
     """The heatmap's data: the plan's letters, the summary and the strategy legend (labels and
     colours come from the Strategy table, so the frontend holds no copy of it)."""
     return {UI_KEY: [{"strategies": plan.schedule.to_letters(), "summary": summary, "legend": legend()}]}
+
+
+def check_window_kernel(window_kernel: str) -> bool | str:
+    """A node's ``validate_inputs`` answer for its window_kernel combo: ComfyUI 0.3.64 does not
+    check a V3 combo's value against its options itself (0.29 does)."""
+    if window_kernel in kernel_names():
+        return True
+    return f"unknown window kernel {window_kernel!r}: choose one of {', '.join(kernel_names())}"
 
 
 def describe(plan: PlanData) -> str:

@@ -102,8 +102,11 @@ def usable_kernel(preference: str, device: torch.device | str) -> str:
     if kernel is None:
         return AUTO
     reason = _unusable(kernel)
-    if not reason and preference == "flash" and torch.device(device).type != "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if not reason and preference == "flash" and not on_cuda:
         reason = "flash-attn runs on CUDA only"
+    if not reason and preference == "flex" and not on_cuda:
+        reason = "FlexAttention is compiled on CUDA only; here it would run unfused, slower than the blocked kernel"
     if not reason:
         return preference
     _warn_fallback(preference, reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 
@@ -56,5 +57,8 @@ def flex_window_attention(
 
     if compiled is None:
         compiled = q.device.type == "cuda"
-    fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, block_mask=_block_mask(window, str(q.device)), scale=scale)
+    if compiled:
+        return _compiled_flex()(q, k, v, block_mask=_block_mask(window, str(q.device)), scale=scale)
+    with warnings.catch_warnings():  # eager on purpose (numerics checks): torch's advice does not apply
+        warnings.filterwarnings("ignore", message=".*flex_attention.*unfused.*")
+        return flex_attention(q, k, v, block_mask=_block_mask(window, str(q.device)), scale=scale)

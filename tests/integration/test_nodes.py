@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import stat
 from pathlib import Path
@@ -69,7 +70,6 @@ def test_save_accepts_plain_names(pack, name):
 
 def test_save_validates_only_its_name(pack):
     """ComfyUI reports a refused validation once per argument validate_inputs takes."""
-    import inspect
 
     assert list(inspect.signature(pack["DiTFastAttn_SavePlan"].validate_inputs).parameters) == ["name"]
 
@@ -124,3 +124,46 @@ def test_load_lists_the_packs_shipped_plans(pack):
     import folder_paths
 
     assert str(ROOT / "plans") in folder_paths.get_folder_paths("fastattn_plans")
+
+
+SAVED_CALIBRATE_INPUTS = [
+    "model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name", "scheduler", "denoise",
+    "delta", "mode", "use_ast", "use_wa_rs_asc", "use_wa_rs", "use_asc", "window", "samples", "window_kernel",
+    "start_at_step", "end_at_step", "add_noise", "return_with_leftover_noise",
+]
+"""The Calibrate node's inputs in the order workflows saved since 2026-11 hold their widget values."""
+
+
+def test_a_saved_calibrate_workflow_keeps_its_widget_values(pack):
+    """The frontend maps a saved node's widget values to its inputs by position: today's inputs
+    come first in today's order, and anything added later comes after them, optional."""
+    schema = pack["DiTFastAttn_Calibrate"].GET_SCHEMA()
+    ids = [i.id for i in schema.inputs]
+    assert ids[:len(SAVED_CALIBRATE_INPUTS)] == SAVED_CALIBRATE_INPUTS
+    assert all(i.optional for i in schema.inputs[len(SAVED_CALIBRATE_INPUTS):])
+
+
+def test_a_new_strategy_appends_its_switch(pack):
+    """A strategy added with the next switch number: the switches in place stay as they are, the
+    new one is an optional input after all others (simulated with a stand-in row)."""
+    import sys
+    import types
+
+    from ditfastattn_core.strategies import SWITCHES
+
+    calibrate = sys.modules[pack["DiTFastAttn_Calibrate"].__module__]
+    new = types.SimpleNamespace(name="SPARSE", description="a new strategy", switch=len(SWITCHES))
+    in_place = [i.id for i in calibrate.switch_inputs((*SWITCHES, new), in_place=True)]
+    appended = calibrate.switch_inputs((*SWITCHES, new), in_place=False)
+    assert in_place == ["use_ast", "use_wa_rs_asc", "use_wa_rs", "use_asc"]
+    assert [i.id for i in appended] == ["use_sparse"] and appended[0].optional
+
+
+@pytest.mark.parametrize("node", ["DiTFastAttn_Apply", "DiTFastAttn_ApplyRay", "DiTFastAttn_Calibrate"])
+def test_an_unknown_window_kernel_is_refused_before_the_run(pack, node):
+    """On every ComfyUI (0.3.64 does not check a V3 combo's value itself), once: on window_kernel."""
+    validate = pack[node].validate_inputs
+    assert list(inspect.signature(validate).parameters) == ["window_kernel"]
+    assert validate(window_kernel="auto") is True
+    message = validate(window_kernel="triton-magic")
+    assert isinstance(message, str) and "unknown window kernel 'triton-magic'" in message and "blocked" in message

@@ -86,3 +86,16 @@ def test_window_without_residual_is_a_row_the_engine_schedule_and_calibration_re
     assert Schedule.from_letters(["A", "A"]).problems() == []
     assert not Schedule.from_letters(["F", "A"]).reads_residual_later(0, 0, 0)
     assert Strategy.WA_RS_ASC.without_cfg_sharing is Strategy.WA_RS and Strategy.ASC.without_cfg_sharing is Strategy.FULL
+
+
+def test_calibrate_switches_keep_their_numbers():
+    """Saved workflows store the Calibrate node's widget values by position: each offered
+    candidate has a switch number of its own, 0..n-1, and the ones saved workflows hold keep
+    theirs (a new strategy takes the next number, appended after the node's other inputs)."""
+    from ditfastattn_core.strategies import OFFERED_CANDIDATES, SWITCHES_IN_PLACE
+
+    numbers = sorted(s.switch for s in OFFERED_CANDIDATES)
+    assert numbers == list(range(len(numbers)))
+    assert {s.name: s.switch for s in Strategy if s.switch is not None and s.switch < SWITCHES_IN_PLACE} == {
+        "AST": 0, "WA_RS_ASC": 1, "WA_RS": 2, "ASC": 3}
+    assert all(s.switch is None for s in Strategy if not s.offered)
