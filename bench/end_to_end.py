@@ -7,7 +7,7 @@ steps, the editor's strategy colours), attention FLOPs % of FULL, the error vs F
 L1 of the latents), how many samples the demo's classifier reads as their class, and the speed:
 the median ratio of FULL to FastAttn wall time over back-to-back pairs in this run.
 
-    python bench/end_to_end.py [--classes 10] [--samples 4] [--steps 20] [--delta 0.05] [--out main_job.png]
+    python bench/end_to_end.py [--mode guided|fast|paper] [--delta 0.1] [--classes 10] [--samples 4] [--out main_job.png]
 
 ``--speed`` runs the same pipeline on PixArt-Sigma-XL's architecture (random weights, reduced
 depth) at 2048^2 and reports the speed ratio (no PNG: random weights draw noise).
@@ -25,6 +25,8 @@ from pathlib import Path
 
 from comfy_setup import import_comfy, load_pack, pixart_sigma_xl, text_cond
 from timing import paired_ratio
+
+from ditfastattn_core.calibrate import GUIDED, MODES
 
 PLAN_NAME = "end_to_end"
 CELL = 64  # a demo sample is 64x64 pixels
@@ -313,8 +315,11 @@ def main() -> None:
                     help="demo: digits 0..classes-1, one row each")
     ap.add_argument("--samples", type=int, default=4, help="demo: samples per class")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (demo 20, --speed 8)")
-    ap.add_argument("--delta", type=float, default=None, help="calibration threshold (demo 0.05, --speed 0.1)")
-    ap.add_argument("--mode", default="fast", choices=["fast", "paper"])
+    ap.add_argument("--delta", type=float, default=None,
+                    help="calibration threshold (guided: 0.1, the Calibrate node's default; fast and paper mode: "
+                    "demo 0.05, --speed 0.1)")
+    ap.add_argument("--mode", default=GUIDED, choices=list(MODES),
+                    help="calibration mode (default: guided, as the Calibrate node)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=5, help="timed pairs of FULL and FastAttn generations")
@@ -324,7 +329,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where ComfyUI runs the model")
     args = ap.parse_args()
     args.steps = args.steps or (8 if args.speed else 20)
-    args.delta = args.delta or (0.1 if args.speed else 0.05)
+    args.delta = args.delta or (0.1 if args.speed or args.mode == GUIDED else 0.05)
     comfyui = import_comfy(args.device)
     pack = load_pack()
     print(f"ComfyUI at {comfyui}", flush=True)

@@ -112,3 +112,19 @@ def test_api_twin_matches_the_workflow(path, node_classes):
         widgets = [w for w in _widget_inputs(node_classes[n["type"]]) if w not in twin["inputs"]
                    or not isinstance(twin["inputs"][w], list)]
         assert [twin["inputs"][w] for w in widgets] == values, n["type"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_apply_gets_the_latent_it_will_sample(path):
+    """Apply FastAttn states the cache memory for its latent input's size and batch: every Apply
+    in the examples takes the latent its sampler starts from (in the workflow and its twin)."""
+    wf = json.loads(path.read_text())
+    api = json.loads((API / path.name).read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    applies = [n for n in wf["nodes"] if n["type"] == "DiTFastAttn_Apply"]
+    assert applies
+    for n in applies:
+        (latent,) = [i for i in n["inputs"] if i["name"] == "latent"]
+        source = next(link for link in wf["links"] if link[0] == latent["link"])
+        assert by_id[source[1]]["outputs"][source[2]]["type"] == "LATENT"
+        assert api[str(n["id"])]["inputs"]["latent"] == [str(source[1]), source[2]]

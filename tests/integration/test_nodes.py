@@ -70,7 +70,6 @@ def test_save_accepts_plain_names(pack, name):
 
 def test_save_validates_only_its_name(pack):
     """ComfyUI reports a refused validation once per argument validate_inputs takes."""
-
     assert list(inspect.signature(pack["DiTFastAttn_SavePlan"].validate_inputs).parameters) == ["name"]
 
 
