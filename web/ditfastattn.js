@@ -1,5 +1,5 @@
 // ComfyUI frontend extension: the plan heatmap as a DOM widget on every node that carries a
-// plan (Calibrate, Load, Save, Apply). A DOM widget renders in the classic canvas and in
+// plan (a FASTATTN_PLAN input or output: Calibrate, Load, Save, Apply; not the demo helpers). A DOM widget renders in the classic canvas and in
 // Nodes 2.0 (where node bodies are not drawn on the canvas, so onDrawForeground never runs).
 // The plan is kept in the node's properties, so it is drawn again after a reload and when
 // ComfyUI serves the node from its cache (cached nodes send no new result).
@@ -8,9 +8,11 @@ import { app } from "../../scripts/app.js";
 import { cellAt, countStrategies, describeCell, drawHeatmap, parseLegend, parsePlan } from "./heatmap.js";
 
 const UI_KEY = "ditfastattn_plan"; // the key nodes/types.py puts on a node's result
+const PLAN_TYPE = "FASTATTN_PLAN"; // the socket type nodes/types.py defines
 const PROPERTY = "ditfastattn_plan";
 const WIDGET = "fastattn_heatmap";
 const MIN_HEIGHT = 150;
+const CANVAS_MIN = 40;
 const PLACEHOLDER = "The plan's heatmap (layers x steps) appears here once the node has run.";
 
 // The strategy legend from the pack (GET /ditfastattn/legend), for plans pasted into Load
@@ -42,15 +44,18 @@ function createView(node) {
     font: "12px sans-serif", color: "#ddd",
   });
   root.className = "ditfastattn-heatmap";
-  const canvas = el("canvas", { flex: "1 1 0", minHeight: "40px", width: "100%", display: "block" });
+  const canvas = el("canvas", { flex: "1 1 0", minHeight: `${CANVAS_MIN}px`, width: "100%", display: "block" });
   const legend = el("div", { display: "flex", flexWrap: "wrap", gap: "2px 10px", fontSize: "13px", lineHeight: "16px" });
   const info = el("div", {
     whiteSpace: "pre-wrap", overflowWrap: "anywhere", fontSize: "12px", lineHeight: "15px", color: "#bbb",
-    maxHeight: "62px", overflow: "hidden",
+    flex: "0 0 auto",
   }, PLACEHOLDER);
   root.append(canvas, legend, info);
 
   const view = { root, canvas, legend, info, plan: null, box: null };
+  // The heatmap keeps at least CANVAS_MIN pixels; the legend and the whole summary (the cache
+  // memory line included) are never clipped: the node grows to fit them at its width.
+  view.minHeight = () => Math.max(MIN_HEIGHT, CANVAS_MIN + legend.scrollHeight + info.scrollHeight + 16);
   view.redraw = () => redraw(view);
   new ResizeObserver(view.redraw).observe(canvas);
   canvas.addEventListener("mousemove", (event) => {
@@ -102,6 +107,7 @@ function showPlan(node, data) {
   view.plan = { parsed, legend, summary };
   view.info.textContent = summary;
   renderLegend(view);
+  fitHeight(node);
   view.redraw();
   node.properties ??= {};
   const kept = { strategies: data.strategies, summary, legend: data.legend };
@@ -114,10 +120,27 @@ function showPlan(node, data) {
   return true;
 }
 
+// Grow the node to its widgets' minimum height (the summary's lines at the node's width).
+function fitHeight(node) {
+  requestAnimationFrame(() => {
+    const needed = node.computeSize?.()[1];
+    if (needed && node.size[1] < needed) {
+      node.setSize([node.size[0], needed]);
+      node.setDirtyCanvas?.(true, true);
+    }
+  });
+}
+
+// A node shows a plan when a plan flows through it: a FASTATTN_PLAN input or output.
+function carriesPlan(nodeData) {
+  const inputs = { ...nodeData?.input?.required, ...nodeData?.input?.optional };
+  return (nodeData?.output ?? []).includes(PLAN_TYPE) || Object.values(inputs).some((spec) => spec?.[0] === PLAN_TYPE);
+}
+
 app.registerExtension({
   name: "ditfastattn.planHeatmap",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!nodeData?.name?.startsWith("DiTFastAttn_")) return;
+    if (!nodeData?.name?.startsWith("DiTFastAttn_") || !carriesPlan(nodeData)) return;
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
@@ -127,7 +150,7 @@ app.registerExtension({
       this.addDOMWidget(WIDGET, WIDGET, view.root, {
         serialize: false,
         hideOnZoom: false,
-        getMinHeight: () => MIN_HEIGHT,
+        getMinHeight: () => view.minHeight(),
       });
       this.setSize([Math.max(this.size[0], 320), this.computeSize()[1]]);
 

@@ -4,6 +4,7 @@ and each has an API-format twin in example_workflows/api/ that says the same thi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 API = ROOT / "example_workflows" / "api"
-FAMILIES = ("pixart_sigma", "flux2_dev", "sd35_large", "qwen_image", "wan22_t2v_two_experts", "hunyuan_video_15",
-            "ditfastattn_demo")
-DEMO = "ditfastattn_demo"
+FAMILIES = ("PixArt-Sigma", "Flux.2 dev", "SD3.5 Large", "Qwen-Image", "Wan 2.2 two experts", "HunyuanVideo 1.5",
+            "FastAttn demo")
+"""The template browser shows a template's file name as its title: "<model> - <what it does>"."""
+DEMO = "FastAttn demo"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,20 @@ def test_workflow_is_consistent(path, node_classes):
 def test_every_family_has_its_examples():
     names = {p.stem for p in WORKFLOWS}
     for family in FAMILIES:
-        assert any(n.startswith(family) and "apply_saved_plan" in n for n in names), family
-        assert f"{family}_calibrate_and_apply" in names
+        assert any(n.startswith(f"{family} - apply") for n in names), family
+        assert f"{family} - calibrate and apply" in names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_template_browser_card(path):
+    """The template browser titles a template by its file name and loads <name>.jpg beside it:
+    a readable, short, portable name, and its thumbnail (a missing one is a 404 in the console)."""
+    from PIL import Image
+
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 .+-]{0,44}", path.stem) and "_" not in path.stem, path.stem
+    with Image.open(path.with_suffix(".jpg")) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (512, 384)
+    assert path.with_suffix(".jpg").stat().st_size < 60_000
 
 
 def test_demo_workflows_need_nothing_but_the_pack(pack):

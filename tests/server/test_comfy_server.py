@@ -157,7 +157,7 @@ def test_plan_for_another_model_is_refused(server, calibrated):
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # The demo workflows name only what the pack ships (its demo model and plan): they run here.
-OFFLINE = [p for p in EXAMPLES if p.stem.startswith("ditfastattn_demo")]
+OFFLINE = [p for p in EXAMPLES if p.stem.startswith("FastAttn demo")]
 NEEDS_MODELS = [p for p in EXAMPLES if p not in OFFLINE]
 
 
@@ -221,11 +221,11 @@ def test_demo_example_workflows_run_offline(server):
     saved = server.plans_dir / "ditfastattn_demo.json"
     saved.unlink(missing_ok=True)
 
-    prompt, entry = _run_example(server, "ditfastattn_demo_apply_saved_plan")
+    prompt, entry = _run_example(server, "FastAttn demo - apply a saved plan")
     assert _applied_strategies(prompt, entry) == shipped["strategies"]
     _compressed_and_full(server, prompt, entry)
 
-    prompt, entry = _run_example(server, "ditfastattn_demo_calibrate_and_apply")
+    prompt, entry = _run_example(server, "FastAttn demo - calibrate and apply")
     assert saved.is_file() and stat.S_IMODE(saved.stat().st_mode) == 0o644
     plan = json.loads(saved.read_text())
     assert plan["model"] == {"family": "sd3", "layers": 2} and plan["sampling"]["steps"] == 20
@@ -236,7 +236,7 @@ def test_demo_example_workflows_run_offline(server):
 
     plan["strategies"] = ["F" * len(row) for row in plan["strategies"][:-1]] + plan["strategies"][-1:]
     saved.write_text(json.dumps(plan))  # a plan the shipped one cannot be mistaken for
-    prompt, entry = _run_example(server, "ditfastattn_demo_apply_saved_plan")
+    prompt, entry = _run_example(server, "FastAttn demo - apply a saved plan")
     assert _applied_strategies(prompt, entry) == plan["strategies"]
     saved.unlink()
 
