@@ -110,6 +110,14 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
             return json.loads(response.read())
 
+    def free(self) -> None:
+        """POST /free: unload models and drop the execution cache (the next prompt runs every node)."""
+        request = urllib.request.Request(
+            self.url + "/free", data=json.dumps({"unload_models": True, "free_memory": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=60).close()
+
     def post_prompt(self, prompt: dict) -> tuple[int, dict]:
         """POST /prompt: (HTTP status, JSON answer); validation errors come back as 400."""
         request = urllib.request.Request(

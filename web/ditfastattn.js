@@ -53,9 +53,6 @@ function createView(node) {
   root.append(canvas, legend, info);
 
   const view = { root, canvas, legend, info, plan: null, box: null };
-  // The heatmap keeps at least CANVAS_MIN pixels; the legend and the whole summary (the cache
-  // memory line included) are never clipped: the node grows to fit them at its width.
-  view.minHeight = () => Math.max(MIN_HEIGHT, CANVAS_MIN + legend.scrollHeight + info.scrollHeight + 16);
   view.redraw = () => redraw(view);
   new ResizeObserver(view.redraw).observe(canvas);
   canvas.addEventListener("mousemove", (event) => {
@@ -120,12 +117,17 @@ function showPlan(node, data) {
   return true;
 }
 
-// Grow the node to its widgets' minimum height (the summary's lines at the node's width).
+// The legend and the whole summary (the cache memory line included) are never clipped: once
+// drawn, a node whose widget overflows grows by what is missing, at its width. Only measured
+// where the widget is laid out at a usable width (hidden or zoomed-out widgets wrap every
+// character onto a line of its own, which says nothing about the node at its real size).
 function fitHeight(node) {
   requestAnimationFrame(() => {
-    const needed = node.computeSize?.()[1];
-    if (needed && node.size[1] < needed) {
-      node.setSize([node.size[0], needed]);
+    const root = node.fastattnView?.root;
+    if (!root || root.offsetParent === null || root.clientWidth < 120) return;
+    const missing = root.scrollHeight - root.clientHeight;
+    if (missing > 0) {
+      node.setSize([node.size[0], node.size[1] + missing]);
       node.setDirtyCanvas?.(true, true);
     }
   });
@@ -150,7 +152,7 @@ app.registerExtension({
       this.addDOMWidget(WIDGET, WIDGET, view.root, {
         serialize: false,
         hideOnZoom: false,
-        getMinHeight: () => view.minHeight(),
+        getMinHeight: () => MIN_HEIGHT,
       });
       this.setSize([Math.max(this.size[0], 320), this.computeSize()[1]]);
 

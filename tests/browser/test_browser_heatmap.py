@@ -46,24 +46,6 @@ pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "
 VERSION = Path(COMFYUI_PATH).name if COMFYUI_PATH else ""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = ComfyServer(Path(COMFYUI_PATH), tmp_path_factory.mktemp("browser_server")).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                              args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def _set_setting(server: ComfyServer, key: str, value) -> None:
     import urllib.request
 
