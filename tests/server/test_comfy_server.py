@@ -168,6 +168,43 @@ def test_example_workflow_uses_only_node_types_this_comfyui_has(server, path):
     assert sorted({n["type"] for n in ui["nodes"]} - set(known)) == []
 
 
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _widget_inputs(info: dict) -> list[tuple[str, bool]]:
+    """A node's widget inputs by /object_info, in order, each with whether the frontend adds a
+    'control after generate' value after it (seeds)."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            if isinstance(kind, list) or kind in WIDGET_KINDS:
+                control = bool(opts.get("control_after_generate")) or (kind == "INT" and name in ("seed", "noise_seed"))
+                out.append((name, control))
+    return out
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_widgets_match_this_comfyuis_node_definitions(server, path):
+    """Against the running server's /object_info (every node, core ones included): each saved
+    node holds one value per widget input (plus seeds' control value), and each API twin sets
+    only inputs the node has, every required widget among them."""
+    known = server.get("/object_info")
+    ui = json.loads(path.read_text())
+    for node in ui["nodes"]:
+        widgets = _widget_inputs(known[node["type"]])
+        values = node.get("widgets_values")
+        if isinstance(values, list):
+            assert len(values) == len(widgets) + sum(c for _, c in widgets), (node["type"], values, widgets)
+    api = json.loads((path.parent / "api" / path.name).read_text())
+    for node in api.values():
+        info = known[node["class_type"]]
+        names = {**(info["input"].get("required") or {}), **(info["input"].get("optional") or {})}
+        assert set(node["inputs"]) <= set(names), (node["class_type"], set(node["inputs"]) - set(names))
+        required = {n for n, _ in _widget_inputs({"input": {"required": info["input"].get("required") or {}}})}
+        assert required <= set(node["inputs"]), (node["class_type"], required - set(node["inputs"]))
+
+
 @pytest.mark.parametrize("path", NEEDS_MODELS, ids=[p.name for p in NEEDS_MODELS])
 def test_example_api_twin_is_valid_here_but_for_model_files(server, path):
     """The API twin passes validation except for the model files (and model-type options) this
