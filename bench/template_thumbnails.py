@@ -26,8 +26,14 @@ SIZE = (512, 384)
 BACKGROUND = "#1f2430"
 
 
+TASKS = {"calibrate": "calibrate, then apply the plan", "saved plan": "apply a saved plan",
+         "saved plans": "apply saved plans, one per expert"}
+"""The card's subtitle for what a template does (its file name says it in a word)."""
+
+
 def thumbnail(name: str) -> Image.Image:
     model, _, task = name.partition(" - ")
+    task = TASKS.get(task, task)
     image = Image.new("RGB", SIZE, BACKGROUND)
     draw = ImageDraw.Draw(image)
     offered = [entry["colour"] for entry in legend() if entry["letter"] in "FWCXT"]

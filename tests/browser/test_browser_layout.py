@@ -23,7 +23,7 @@ from tests.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")
 
-DEMOS = ("FastAttn demo - calibrate and apply", "FastAttn demo - apply a saved plan")
+DEMOS = ("FastAttn demo - calibrate", "FastAttn demo - saved plan")
 MODES = ("classic", "nodes2")
 
 
@@ -120,6 +120,8 @@ def test_demo_template_is_readable_after_a_run(server, browser, name, mode):
     if nodes2 and _frontend_version() < (1, 30):
         pytest.skip(f"this frontend (ComfyUI {VERSION}) has no Nodes 2.0")
     page, errors = _open(browser, server, vue_nodes=nodes2)
+    console = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" and "ditfastattn" in m.text else None)
     try:
         _run_template(page, server, name)
         _fit_view(page)
@@ -138,7 +140,7 @@ def test_demo_template_is_readable_after_a_run(server, browser, name, mode):
         assert plan_nodes and set(plan_nodes) <= {"DiTFastAttn_Calibrate", "DiTFastAttn_SavePlan",
                                                   "DiTFastAttn_LoadPlan", "DiTFastAttn_Apply"}
         assert not any(t.startswith("DiTFastAttn_Demo") for t in plan_nodes), "a demo helper got a heatmap"
-        assert _pack_errors(errors) == []
+        assert _pack_errors(errors) == [] and console == [], (errors, console)
     finally:
         page.close()
 
@@ -156,3 +158,41 @@ def test_every_template_has_its_thumbnail_on_the_server(server):
         url = f"{server.url}/api/workflow_templates/{urllib.parse.quote(module)}/{urllib.parse.quote(name)}.jpg"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg", name
+
+
+def test_template_browser_shows_readable_cards_with_thumbnails(server, browser):
+    """The template browser's cards for the pack: the whole title visible, the thumbnail loaded,
+    and no failed request for anything of the pack's."""
+    page, errors = _open(browser, server, vue_nodes=False)
+    failed: list[str] = []
+    thumbnails: list[str] = []
+
+    def seen(response) -> None:
+        if "ditfastattn" in response.url:
+            (failed if response.status >= 400 else thumbnails if response.url.endswith(".jpg") else []).append(
+                response.url)
+
+    page.on("response", seen)
+    try:
+        page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+        page.wait_for_timeout(3000)
+        category = page.get_by_text("comfyui-ditfastattn", exact=False)
+        if category.count():
+            category.first.click()
+            page.wait_for_timeout(2000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"templates {VERSION}.png"))
+        names = next(v for k, v in server.get("/workflow_templates").items() if "ditfastattn" in k)
+        titles = page.evaluate(
+            """(names) => [...document.querySelectorAll('*')]
+                .filter((el) => el.children.length === 0 && names.includes(el.textContent.trim()))
+                .map((el) => ({title: el.textContent.trim(), clipped: el.scrollWidth > el.clientWidth + 1}))""",
+            names,
+        )
+        assert {t["title"] for t in titles} >= set(DEMOS), "the template browser shows no card for the demos"
+        assert [t for t in titles if t["clipped"]] == [], "a card cuts its title off"
+        assert thumbnails, "no thumbnail of the pack's was fetched"  # and none failed (below)
+        assert failed == [], failed
+        assert _pack_errors(errors) == []
+    finally:
+        page.close()

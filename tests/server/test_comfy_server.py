@@ -258,11 +258,11 @@ def test_demo_example_workflows_run_offline(server):
     saved = server.plans_dir / "ditfastattn_demo.json"
     saved.unlink(missing_ok=True)
 
-    prompt, entry = _run_example(server, "FastAttn demo - apply a saved plan")
+    prompt, entry = _run_example(server, "FastAttn demo - saved plan")
     assert _applied_strategies(prompt, entry) == shipped["strategies"]
     _compressed_and_full(server, prompt, entry)
 
-    prompt, entry = _run_example(server, "FastAttn demo - calibrate and apply")
+    prompt, entry = _run_example(server, "FastAttn demo - calibrate")
     assert saved.is_file() and stat.S_IMODE(saved.stat().st_mode) == 0o644
     plan = json.loads(saved.read_text())
     assert plan["model"] == {"family": "sd3", "layers": 2} and plan["sampling"]["steps"] == 20
@@ -273,7 +273,7 @@ def test_demo_example_workflows_run_offline(server):
 
     plan["strategies"] = ["F" * len(row) for row in plan["strategies"][:-1]] + plan["strategies"][-1:]
     saved.write_text(json.dumps(plan))  # a plan the shipped one cannot be mistaken for
-    prompt, entry = _run_example(server, "FastAttn demo - apply a saved plan")
+    prompt, entry = _run_example(server, "FastAttn demo - saved plan")
     assert _applied_strategies(prompt, entry) == plan["strategies"]
     saved.unlink()
 
