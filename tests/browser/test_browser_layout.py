@@ -60,8 +60,8 @@ def _fit_view(page) -> None:
             const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
             const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
             const ds = window.app.canvas.ds;
-            ds.scale = Math.min(1, 2480 / (x1 - x0 + 40), 1600 / (y1 - y0 + 40));
-            ds.offset = [90 / ds.scale - x0, 50 / ds.scale - y0];  // right of the side bar
+            ds.scale = Math.min(1, 2400 / (x1 - x0 + 40), 1520 / (y1 - y0 + 40));
+            ds.offset = [130 / ds.scale - x0, 120 / ds.scale - y0];  // clear of the side bar and the toolbars
             window.app.graph.setDirtyCanvas(true, true);
         }"""
     )
@@ -193,6 +193,44 @@ def test_template_browser_shows_readable_cards_with_thumbnails(server, browser):
         assert [t for t in titles if t["clipped"]] == [], "a card cuts its title off"
         assert thumbnails, "no thumbnail of the pack's was fetched"  # and none failed (below)
         assert failed == [], failed
+        assert _pack_errors(errors) == []
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_pack_node_at_its_default_size(server, browser, mode):
+    """Each of the pack's nodes as the node library adds it (default size), side by side: the
+    widgets and the heatmap placeholder fit, nothing overlaps."""
+    nodes2 = mode == "nodes2"
+    if nodes2 and _frontend_version() < (1, 30):
+        pytest.skip(f"this frontend (ComfyUI {VERSION}) has no Nodes 2.0")
+    page, errors = _open(browser, server, vue_nodes=nodes2)
+    try:
+        added = page.evaluate(
+            """async () => {
+                const app = window.app, LG = window.LiteGraph;
+                app.graph.clear();
+                const types = Object.keys(LG.registered_node_types).filter((t) => t.startsWith('DiTFastAttn_')).sort();
+                let x = 40;
+                for (const type of types) {
+                    const node = LG.createNode(type);
+                    node.pos = [x, 60];
+                    app.graph.add(node);
+                    x += node.size[0] + 80;
+                }
+                app.graph.setDirtyCanvas(true, true);
+                return types;
+            }"""
+        )
+        assert len(added) >= 7
+        page.wait_for_timeout(1500)
+        _fit_view(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"nodes {VERSION} {mode}.png"))
+        rects = _node_rects(page, nodes2)
+        assert _overlaps(rects) == [], "nodes overlap"
+        assert _clipped_heatmaps(page) == [], "a heatmap widget clips its content"
         assert _pack_errors(errors) == []
     finally:
         page.close()
