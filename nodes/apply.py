@@ -11,6 +11,25 @@ from ..ditfastattn_core.steps import STEP_MODES, STRICT
 from .types import Plan, check_window_kernel, describe, plan_ui
 
 
+def run_options() -> list:
+    """How a plan runs, in the order saved workflows hold them: the inputs Apply FastAttn and
+    Apply FastAttn (Ray) share after their model and plan."""
+    return [
+        io.Combo.Input("window_kernel", options=kernel_names(), default="auto",
+                       tooltip="Window-attention kernel; auto picks the fastest that can run the plan's window on "
+                       "the device that samples."),
+        io.Combo.Input("step_matching", options=list(STEP_MODES), default=STRICT,
+                       tooltip="strict: the sampler samples the plan's schedule or a range of it (KSamplerAdvanced "
+                       "start/end steps, denoise), matched by sigma, or uses the plan's step count. normalised: "
+                       "otherwise map steps by their relative position (a plan for 20 steps on 30)."),
+        io.Combo.Input("cache_placement", options=[p.value for p in CachePlacement],
+                       default=CachePlacement.DEVICE.value, optional=True,
+                       tooltip="Where the plan's caches (window residuals, reused outputs) live: beside the model, "
+                       "or in CPU memory (pinned, copied without blocking) to free GPU memory for one copy each way "
+                       "per use. Each GPU holds its own."),
+    ]
+
+
 class ApplyFastAttn(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -24,19 +43,7 @@ class ApplyFastAttn(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A diffusion transformer (PixArt, Flux, SD3, Wan, ...)."),
                 Plan.Input("plan", tooltip="From Load Plan or Calibrate FastAttn Plan."),
-                io.Combo.Input("window_kernel", options=kernel_names(), default="auto",
-                               tooltip="Window-attention kernel; auto picks the fastest that can run the "
-                               "plan's window on this device."),
-                io.Combo.Input("step_matching", options=list(STEP_MODES), default=STRICT,
-                               tooltip="strict: the sampler samples the plan's schedule or a range of it "
-                               "(KSamplerAdvanced start/end steps, denoise), matched by sigma, or uses the plan's "
-                               "step count. normalised: otherwise map steps by their relative position (a plan "
-                               "for 20 steps on 30)."),
-                io.Combo.Input("cache_placement", options=[p.value for p in CachePlacement],
-                               default=CachePlacement.DEVICE.value, optional=True,
-                               tooltip="Where the plan's caches (window residuals, reused outputs) live: beside the "
-                               "model, or in CPU memory (pinned, copied without blocking) to free GPU memory for "
-                               "one copy each way per use. The node shows their peak size."),
+                *run_options(),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Optional: the latent you will sample, to state the cache memory at its "
                                 "size and batch (else at the plan's calibration size, batch 1)."),

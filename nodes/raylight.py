@@ -5,9 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ditfastattn_core.comfy_bridge.raylight import install_on_workers
-from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.state import CachePlacement
-from ..ditfastattn_core.steps import STEP_MODES, STRICT
+from .apply import run_options
 from .types import Plan, check_window_kernel, describe, plan_ui
 
 RayActors = io.Custom("RAY_ACTORS")
@@ -27,13 +26,7 @@ class ApplyFastAttnRay(io.ComfyNode):
             inputs=[
                 RayActors.Input("ray_actors", tooltip="From Load Diffusion Model (Ray)."),
                 Plan.Input("plan", tooltip="From Load Plan or Calibrate FastAttn Plan."),
-                io.Combo.Input("window_kernel", options=kernel_names(), default="auto",
-                               tooltip="Window-attention kernel on the workers; auto picks the fastest there."),
-                io.Combo.Input("step_matching", options=list(STEP_MODES), default=STRICT,
-                               tooltip="As on Apply FastAttn."),
-                io.Combo.Input("cache_placement", options=[p.value for p in CachePlacement],
-                               default=CachePlacement.DEVICE.value, optional=True,
-                               tooltip="Where each worker keeps its caches (each GPU holds its own)."),
+                *run_options(),
             ],
             outputs=[RayActors.Output(tooltip="The same workers, their models with FastAttn: connect raylight's "
                                       "sampler here.")],

@@ -127,10 +127,12 @@ def prepared_plans(server):
         assert entry["status"]["status_str"] == "success", entry["status"]
 
 
-def _run_in_page(page, server: ComfyServer, graph: dict) -> None:
+def queue_in_page(page, server: ComfyServer, load: str, graph: dict, settle_ms: int = 1500) -> None:
+    """Load ``graph`` into the editor with the JavaScript call ``load`` (``loadApiJson`` or
+    ``loadGraphData``), queue it as the Run button does, and wait until it ran successfully."""
     before = len(server.get("/history"))
-    page.evaluate("async (g) => { await window.app.loadApiJson(g, 'browser test'); }", graph)
-    page.wait_for_timeout(500)
+    page.evaluate(f"async (g) => {{ await window.app.{load}(g); }}", graph)
+    page.wait_for_timeout(1000)
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -142,7 +144,11 @@ def _run_in_page(page, server: ComfyServer, graph: dict) -> None:
         time.sleep(0.5)
     else:
         raise TimeoutError("the browser's prompt did not finish")
-    page.wait_for_timeout(1500)
+    page.wait_for_timeout(settle_ms)
+
+
+def _run_in_page(page, server: ComfyServer, graph: dict) -> None:
+    queue_in_page(page, server, "loadApiJson", graph)
 
 
 def _arrange(page) -> None:

@@ -6,7 +6,6 @@ pack's DOM elements), and saved as screenshots in tests/artifacts/ for a person 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from tests.browser.test_browser_heatmap import (
     _open,
     _pack_errors,
     _why_skip,
+    queue_in_page,
 )
 from tests.comfy_server import ComfyServer
 
@@ -31,21 +31,7 @@ def _run_template(page, server: ComfyServer, name: str) -> None:
     """Open the template as the template browser does (its JSON into loadGraphData) and run it."""
     workflow = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     server.free()  # every node runs (a cached node sends no result to draw)
-    before = len(server.get("/history"))
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
-    page.wait_for_timeout(1000)
-    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        history = server.get("/history")
-        if len(history) > before and not server.get("/queue")["queue_running"]:
-            entry = list(history.values())[-1]
-            assert entry["status"]["status_str"] == "success", entry["status"]
-            break
-        time.sleep(0.5)
-    else:
-        raise TimeoutError(f"{name} did not finish")
-    page.wait_for_timeout(2000)  # results drawn, nodes grown to their summaries
+    queue_in_page(page, server, "loadGraphData", workflow, settle_ms=2000)  # results drawn, nodes grown
 
 
 def _fit_view(page) -> None:
