@@ -6,7 +6,7 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..ditfastattn_core.kernels import kernel_names
+from ..ditfastattn_core.kernels import unknown_kernel
 from ..ditfastattn_core.plan import Plan as PlanData
 from ..ditfastattn_core.strategies import legend
 
@@ -32,9 +32,7 @@ def plan_ui(plan: PlanData, summary: str) -> dict:
 def check_window_kernel(window_kernel: str) -> bool | str:
     """A node's ``validate_inputs`` answer for its window_kernel combo: ComfyUI 0.3.64 does not
     check a V3 combo's value against its options itself (0.29 does)."""
-    if window_kernel in kernel_names():
-        return True
-    return f"unknown window kernel {window_kernel!r}: choose one of {', '.join(kernel_names())}"
+    return unknown_kernel(window_kernel) or True
 
 
 def describe(plan: PlanData) -> str:

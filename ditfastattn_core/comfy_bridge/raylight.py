@@ -187,7 +187,8 @@ class SequenceRoute:
     handles: list[Any] = field(default_factory=list)
     marked: int = 0
     routed: int = 0
-    orders: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    orders: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    """Per block type and token counts: the model order and its inverse (None: the same order)."""
 
     def mark_layers(self, diffusion_root: Any, offsets: Mapping[str | None, int], layers: int, slot: CallSlot) -> None:
         """Forward hooks on each layer's attention module: while it runs, attention knows its
@@ -222,12 +223,14 @@ class SequenceRoute:
                        "reached FastAttn (xfuser's attention changed?): the run was FULL")
 
     def order(self, block: Mapping[str, Any], seq_len: int, text_len: int | None,
-              image_tokens: int, device: torch.device) -> torch.Tensor | None:
+              image_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model order of a gathered sequence and its inverse, computed once per run and shape
+        (attention asks at every layer of every step)."""
         key = (block.get("block_type"), seq_len, text_len, image_tokens, device)
         if key not in self.orders:
             split = self.splits[block.get("block_type")]
             index = model_order(split, seq_len, text_len, image_tokens, self.ranks)
-            self.orders[key] = None if index is None else index.to(device)
+            self.orders[key] = None if index is None else (index.to(device), torch.argsort(index).to(device))
         return self.orders[key]
 
     def attention(self, raw: Callable, call: Any, block: dict[str, Any], q: torch.Tensor, k: torch.Tensor,
@@ -254,7 +257,7 @@ class SequenceRoute:
             run.report("usp_scale", "xfuser attention with a custom softmax scale ran FULL")
             return as_xfuser()
         try:
-            order = self.order(block, q.shape[1], call.text_len, math.prod(call.grid), q.device)
+            orders = self.order(block, q.shape[1], call.text_len, math.prod(call.grid), q.device)
         except SequenceMismatch as e:
             call.state.count("usp_unsplit")
             run.report("usp_layout", f"raylight split a {run.geometry.label} sequence other than FastAttn expects "
@@ -265,7 +268,7 @@ class SequenceRoute:
         if placed is None:
             return as_xfuser()
         layer, ctx = placed
-        inverse = None if order is None else torch.argsort(order)
+        order, inverse = orders if orders is not None else (None, None)
 
         def to_model(t):  # (B, L, H, D) rank order -> (B, H, L, D) model order
             return (t if order is None else t.index_select(1, order)).transpose(1, 2)
@@ -328,7 +331,6 @@ def open_route(run: Any, model: Any, slot: CallSlot) -> SequenceRoute | None:
 
 def parallel_summary(parallel: Mapping[str, Any], family: str) -> str:
     """What a plan does under raylight's settings (its workers' ``parallel_dict``), for the node."""
-    label = family
     lines = []
     if parallel.get("pipefusion_enabled"):
         return "raylight PipeFusion: not supported by FastAttn, the runs are FULL"
@@ -337,7 +339,7 @@ def parallel_summary(parallel: Mapping[str, Any], family: str) -> str:
         if ring > 1:
             lines.append(f"sequence parallel with ring degree {ring}: FULL (windows need whole sequences: use Ulysses only)")
         elif family not in USP_FAMILIES:
-            lines.append(f"sequence parallel (Ulysses {ulysses}): FULL for {label} (mapped: "
+            lines.append(f"sequence parallel (Ulysses {ulysses}): FULL for {family} (mapped: "
                          f"{', '.join(sorted(USP_FAMILIES))})")
         else:
             lines.append(f"sequence parallel (Ulysses {ulysses}): every GPU follows the plan on its heads and holds "

@@ -93,11 +93,19 @@ def _warn_fallback(preference: str, reason: str) -> None:
     log.warning("FastAttn: window kernel %r cannot run here (%s); using 'auto' instead", preference, reason)
 
 
+def unknown_kernel(preference: str) -> str | None:
+    """Why ``preference`` names no window kernel (what to choose instead), or None if it names one."""
+    if preference == AUTO or preference in KERNELS:
+        return None
+    return f"unknown window kernel {preference!r}: choose one of {', '.join(kernel_names())}"
+
+
 def usable_kernel(preference: str, device: torch.device | str) -> str:
     """``preference`` if it can run on ``device`` here, else "auto" with one warning line:
     a workflow made on a machine with flash-attn still runs on one without it."""
-    if preference != AUTO and preference not in KERNELS:
-        raise ValueError(f"unknown window kernel {preference!r}; choose one of {kernel_names()}")
+    unknown = unknown_kernel(preference)
+    if unknown is not None:
+        raise ValueError(unknown)
     kernel = KERNELS.get(preference)
     if kernel is None:
         return AUTO
@@ -117,9 +125,10 @@ def select_kernel(window: Window, q: torch.Tensor, preference: str = AUTO) -> Wi
     """The kernel to run ``window`` on ``q``: the named one when it can, else (one warning
     line) the best available. Kernels disabled by a failed check are never chosen."""
     if preference != AUTO:
-        kernel = KERNELS.get(preference)
-        if kernel is None:
-            raise ValueError(f"unknown window kernel {preference!r}; choose one of {kernel_names()}")
+        unknown = unknown_kernel(preference)
+        if unknown is not None:
+            raise ValueError(unknown)
+        kernel = KERNELS[preference]
         reason = _unusable(kernel) or kernel.unsupported(window, q)
         if not reason:
             return kernel
