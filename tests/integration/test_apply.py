@@ -45,8 +45,13 @@ def uniform(tiny, letter: str) -> list[str]:
 
 
 def run_stats(caplog) -> dict[str, int]:
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FastAttn run: ")]
-    assert lines, "the run logged no statistics"
+    return parse_run_stats([r.getMessage() for r in caplog.records])
+
+
+def parse_run_stats(messages: list[str]) -> dict[str, int]:
+    """The counters of the last "FastAttn run: ..." line among the log messages."""
+    lines = [m for m in messages if m.startswith("FastAttn run: ")]
+    assert lines, f"the run logged no statistics: {messages[-5:]}"
     return {k: int(v) for k, v in (p.rsplit(" ", 1) for p in lines[-1][len("FastAttn run: "):].split(", "))}
 
 

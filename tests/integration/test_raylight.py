@@ -21,7 +21,7 @@ import torch
 
 from ditfastattn_core.state import CachePlacement
 
-from .test_apply import STEPS, plan_for, sample, uniform
+from .test_apply import STEPS, parse_run_stats, plan_for, sample, uniform
 from .tiny import BUILDERS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +80,7 @@ def run_ranks(tmp_path: Path, family: str, *, ulysses: int = 1, cfg_degree: int 
 
 
 def stats(result: dict) -> dict[str, int]:
-    lines = [line for line in result["log"] if line.startswith("FastAttn run: ")]
-    assert lines, f"the rank logged no FastAttn run: {result['log']}"
-    return {k: int(v) for k, v in (p.rsplit(" ", 1) for p in lines[-1][len("FastAttn run: "):].split(", "))}
+    return parse_run_stats(result["log"])
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
