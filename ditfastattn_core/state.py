@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -98,6 +98,8 @@ class RunState:
     stats: Counter = field(default_factory=Counter)
     sites: dict[int, set[Hashable]] = field(default_factory=dict)
     """The call sites that ran a model call at each step (see ``miss_reason``)."""
+    outer: dict[int, set[tuple[Hashable, int]]] = field(default_factory=dict)
+    """Per step, the (call site, layer) pairs another attention override computed (``note_outer``)."""
     site_misses: Counter = field(default_factory=Counter)
     """Per (miss name, call site): misses because that site did not run at the step read."""
     frozen: bool = False
@@ -239,11 +241,16 @@ class RunState:
         """Why ``key`` found no ``cache`` entry at ``step``: ``skipped_step`` when no model call
         ran at the step it reads (a step cache such as EasyCache skipped it), ``no_site`` when
         calls ran there but none of this call site (context windows that shift between steps,
-        a guidance call that starts later), else ``miss`` (also where the caller records no
+        a guidance call that starts later), ``outer`` when another attention override computed
+        the layer at that step (``note_outer``), else ``miss`` (also where the caller records no
         calls: ``note_call``)."""
-        if not self.sites or cache is Cache.SHARED_COND:
+        if cache is Cache.SHARED_COND:
             return "miss"
         source = step - 1 if cache is Cache.OUTPUT else self.residual_source(step, key.layer)
+        if source is not None and (key.site, key.layer) in self.outer.get(source, ()):
+            return "outer"
+        if not self.sites:
+            return "miss"
         if source is None:  # any earlier residual would do
             earlier = [sites for s, sites in self.sites.items() if s < step]
             return "no_site" if earlier and not any(key.site in sites for sites in earlier) else "miss"
@@ -254,6 +261,12 @@ class RunState:
         return "no_site" if key.site not in self.sites[source] else "miss"
 
     # --- lifetime ---------------------------------------------------------------------------
+    def note_outer(self, step: int, site: Hashable, layers: Iterable[int]) -> None:
+        """Another attention override computed these layers of ``site`` at ``step`` (core
+        Model Sparse Attention): what ``miss_reason`` tells their misses by."""
+        if not self.frozen:
+            self.outer.setdefault(step, set()).update((site, layer) for layer in layers)
+
     def note_call(self, step: int, site: Hashable) -> None:
         """A model call of ``site`` runs at ``step`` (what ``miss_reason`` tells misses by)."""
         self.sites.setdefault(step, set()).add(site)
@@ -311,6 +324,7 @@ class RunState:
         self.shared_cond.clear()
         self.stats.clear()
         self.sites.clear()
+        self.outer.clear()
         self.site_misses.clear()
         self.frozen = False
         self.misses = 0

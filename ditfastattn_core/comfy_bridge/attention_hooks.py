@@ -23,6 +23,7 @@ import torch
 
 from ..context import CallContext
 from ..engine import keep_module_output, reuse_module_output
+from .attention_chain import DenseChain, holds_containers, peeked
 from .families import OVERRIDE, Geometry, UnsupportedModelError
 from .run import ModelCall
 
@@ -134,12 +135,6 @@ def route_attention(
                               skip_output_reshape=skip_output_reshape)
 
 
-def _chain(previous: Callable | None, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
-    if previous is not None:
-        return previous(func, *args, **kwargs)
-    return func(*args, **kwargs)
-
-
 HONOURED_ARGUMENTS = frozenset({
     "transformer_options", "_inside_attn_wrapper", "attn_precision", "low_precision_attention", "small_input",
 })
@@ -166,15 +161,23 @@ def unsupported_argument(kwargs: dict[str, Any], head_dim: int) -> str | None:
 
 def make_override(previous: Callable | None, slot: CallSlot) -> Callable:
     """An optimized_attention_override that compresses image self-attention and hands
-    everything else, and every dense computation, to ``previous`` (or the backend)."""
+    everything else, and every dense computation, to what would have run without it
+    (``DenseChain``: ``previous``, the module's own backend or the core's). It takes the
+    tensors (0.3.x-0.30) and, through its ``container_function``, the tensor containers of
+    ComfyUI 0.35+, which it passes on unconsumed wherever it does not compute the call."""
 
-    @torch.compiler.disable(reason=COMPILE_BOUNDARY)
-    def fastattn_override(func, *args, **kwargs):
-        options = kwargs.get("transformer_options") or {}
+    def route(func: Callable | None, args: tuple, kwargs: dict) -> torch.Tensor:
         call = slot.current
+        # a core that hands an override the module's own backend (0.35's wrap_attn does not)
+        preferred = kwargs.pop("preferred_attention", None)
+        if preferred is None and call is not None:
+            preferred = call.run.preferred_attention
+        chain = DenseChain(previous, func, preferred)
         if call is None:
-            return _chain(previous, func, args, kwargs)
-        q, k, v = args[:3]
+            return chain.run(args, kwargs)
+        options = kwargs.get("transformer_options") or {}
+        container_type = type(args[0]) if holds_containers(args) else None
+        q, k, v = peeked(args)[:3]
         rest = dict(kwargs)
         skip_reshape = bool(rest.pop("skip_reshape", False))
         skip_output_reshape = bool(rest.pop("skip_output_reshape", False))
@@ -188,14 +191,23 @@ def make_override(previous: Callable | None, slot: CallSlot) -> Callable:
         unsupported = "a padding mask" if mask is not None else unsupported_argument(rest, head_dim)
 
         def dense(qh, kh, vh):
-            return _chain(previous, func, (qh, kh, vh, heads),
-                          {**rest, "skip_reshape": True, "skip_output_reshape": True})
+            return chain.run_tensors(qh, kh, vh, (heads,), {**rest, "skip_reshape": True, "skip_output_reshape": True},
+                                     container_type)
 
         return route_attention(
             call, q, k, v, heads=heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-            block=options, unsupported=unsupported, dense=dense, passthrough=lambda: _chain(previous, func, args, kwargs),
+            block=options, unsupported=unsupported, dense=dense, passthrough=lambda: chain.run(args, kwargs),
         )
 
+    @torch.compiler.disable(reason=COMPILE_BOUNDARY)
+    def fastattn_override(func, *args, **kwargs):
+        return route(func, args, kwargs)
+
+    @torch.compiler.disable(reason=COMPILE_BOUNDARY)
+    def fastattn_container_function(*args, **kwargs):
+        return route(None, args, kwargs)
+
+    fastattn_override.container_function = fastattn_container_function
     fastattn_override.ditfastattn = True
     fastattn_override.previous = previous
     return fastattn_override

@@ -127,6 +127,13 @@ def explain_misses(stats: Mapping[str, int], site_misses: Mapping[tuple[str, Any
     if skipped:
         lines.append(f"no model call ran at the step AST or WA-RS reads (a step cache such as EasyCache skipped it): "
                      f"{skipped} layer calls ran FULL")
+    outer = stats.get("ast_outer", 0) + stats.get("residual_outer", 0)
+    if outer:
+        lines.append(f"another attention override (core Model Sparse Attention) computed the layer at the step AST or "
+                     f"WA-RS reads, so FastAttn had no cache of it: {outer} layer calls ran FULL")
+    if stats.get("outer_computed"):
+        lines.append(f"{stats['outer_computed']} layer calls were computed by an attention override around FastAttn's "
+                     "(core Model Sparse Attention), not by FastAttn's plan")
     if stats.get("asc_not_cfg_pair"):
         lines.append(f"calls whose conds are not one positive and one negative (Dual CFG, PerpNeg's extra conds): "
                      f"ASC computed every cond instead ({stats['asc_not_cfg_pair']} layer calls)")

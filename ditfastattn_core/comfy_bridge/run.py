@@ -63,6 +63,9 @@ class Run:
         ``raylight.open_route`` as the run starts)."""
         self.full_reason: str | None = None
         """Why every layer of this run is FULL (said once at its start), or None."""
+        self.preferred_attention: Any = None
+        """The attention backend the checkpoint's modules choose for themselves (ComfyUI 0.35+),
+        which the layers FastAttn leaves alone run with (``attention_chain.preferred_backend``)."""
 
     @functools.cached_property
     def hooks_attention(self) -> bool:

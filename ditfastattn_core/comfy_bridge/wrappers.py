@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .attention_chain import describe, memory_efficient, outer_sparse_patch, preferred_backend
 from .attention_hooks import CallSlot, is_ours, make_override
 from .call_sites import replaced_blocks
 from .families import OVERRIDE
@@ -53,7 +54,11 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
                 current = options.get(OVERRIDE_KEY)
                 if config.geometry.attach == OVERRIDE and run.hooks_attention and route is None \
                         and not is_ours(current):
-                    options[OVERRIDE_KEY] = override_chaining(current)
+                    run.preferred_attention = preferred_backend(guider.model_patcher.model.diffusion_model)
+                    override = options[OVERRIDE_KEY] = override_chaining(current)
+                    override.memory_efficient = memory_efficient(current, guider.model_options)
+                    if outer_sparse_patch(current) is not None:
+                        run.report("core_sparse", CORE_SPARSE_ORDER)
             return executor(*args, **kwargs)
         finally:
             if route is not None:
@@ -99,6 +104,7 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         slot.current = call
         try:
             out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            account_outer_override(call, transformer_options)
             if ran_stale_graph(call, transformer_options):
                 import torch
 
@@ -119,6 +125,35 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         return out
 
     return fastattn_apply_model
+
+
+CORE_SPARSE_ORDER = (
+    "core Model Sparse Attention is in this graph: it puts itself around FastAttn's attention at every step "
+    "(whichever node comes first), computes the calls it makes sparse itself and hands FastAttn the rest, which "
+    "FastAttn compresses by its plan; a cache FastAttn would read from a layer it computed is a miss (FULL)")
+"""Which of the two computes a call when both nodes are in a graph (the order of the nodes does not matter)."""
+
+
+def account_outer_override(call: ModelCall, options: dict) -> None:
+    """Count the compressible layers of a model call that never reached FastAttn because an
+    override set around FastAttn's during sampling (core Model Sparse Attention re-installs
+    itself at every step) computed them itself; a cache read from one of them is a miss
+    (``RunState.note_outer``) and the run says so once."""
+    outer = options.get(OVERRIDE_KEY)
+    run = call.run
+    if outer is None or is_ours(outer) or call.step is None or call.grid is None or run.full_reason is not None:
+        return
+    missing = set(range(run.geometry.layers)) - call.layers_done
+    if not missing:
+        return
+    call.state.count("outer_computed", len(missing))
+    call.state.note_outer(call.step, call.site, missing)
+    what = describe(outer)
+    run.report(f"outer {what}", (
+        f"{what} computed layers itself that FastAttn's plan compresses (it sits around FastAttn's attention and "
+        "did not hand them on): those layer calls ran as it computes them, and FastAttn's caches skip them"
+        + ("" if outer_sparse_patch(outer) is not None else
+           "; if that override should not run, remove the node that sets it")))
 
 
 class StaleCompiledGraphError(RuntimeError):

@@ -4,6 +4,8 @@ Runs without ComfyUI: the override only needs a call object in its slot."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,8 +16,9 @@ from ditfastattn_core.comfy_bridge.attention_hooks import CallSlot, make_overrid
 class RecordingCall:
     """Stands for the model call; records what the override routes to it."""
 
-    def __init__(self):
+    def __init__(self, preferred=None):
         self.unsupported = "not called"
+        self.run = SimpleNamespace(preferred_attention=preferred)
 
 
 def recording_route(call, q, k, v, *, unsupported, passthrough, **_):
@@ -55,3 +58,104 @@ def test_calls_the_engine_cannot_honour_pass_through_untouched(extra, reason, mo
 def test_default_scale_is_recognised_per_head_dim():
     assert unsupported_argument({"scale": 64 ** -0.5}, 64) is None
     assert unsupported_argument({"scale": 64 ** -0.5}, 128) == f"scale={64 ** -0.5!r}"
+
+
+# --- ComfyUI 0.35+: tensor containers and the module's own backend ------------------------------
+# The contract, as read in Comfy-Org/ComfyUI@05080f60 comfy/ldm/modules/attention.py (wrap_attn,
+# AttentionTensorContainer): with containers, an override is called through its
+# ``container_function`` (no ``func``, no ``preferred_attention``); without an override the
+# module's ``preferred_attention.function`` gets the containers.
+
+
+class Container:
+    """A single-owner tensor holder with the contract of ComfyUI's AttentionTensorContainer."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def peek(self):
+        if self.tensor is None:
+            raise RuntimeError("consumed")
+        return self.tensor
+
+    def take(self):
+        tensor = self.peek()
+        self.tensor = None
+        return tensor
+
+
+class ModuleBackend:
+    """A module's own backend (``preferred_attention``) that takes containers, as comfy-kitchen's
+    INT8 attention does (it prequantizes, then frees q, k and v)."""
+
+    def __init__(self):
+        self.calls = []
+        self.function = self
+
+    def __call__(self, q, k, v, heads, **kwargs):
+        assert all(isinstance(t, Container) for t in (q, k, v)), "the module's backend gets the containers"
+        self.calls.append(kwargs)
+        return ("module", q.take().shape, k.take().shape, v.take().shape, heads)
+
+
+def test_container_calls_it_leaves_alone_run_the_modules_own_backend_unconsumed(monkeypatch):
+    monkeypatch.setattr(attention_hooks, "route_attention", recording_route)
+    module = ModuleBackend()
+    slot = CallSlot()
+    slot.current = RecordingCall(preferred=module)
+    override = make_override(None, slot)
+    q = torch.zeros(1, 2, 4, 16)
+    out = override.container_function(Container(q), Container(q), Container(q), 2, skip_reshape=True,
+                                      transformer_options={}, _inside_attn_wrapper=True)
+    assert out == ("module", q.shape, q.shape, q.shape, 2) and len(module.calls) == 1
+
+
+def test_container_calls_go_to_a_previous_overrides_container_function(monkeypatch):
+    monkeypatch.setattr(attention_hooks, "route_attention", recording_route)
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        raise AssertionError("a previous override with a container function gets the containers")
+
+    def previous_containers(q, k, v, heads, **kwargs):
+        seen.append(all(isinstance(t, Container) for t in (q, k, v)))
+        return "previous"
+
+    previous.container_function = previous_containers
+    slot = CallSlot()
+    slot.current = RecordingCall(preferred=ModuleBackend())
+    override = make_override(previous, slot)
+    q = torch.zeros(1, 2, 4, 16)
+    assert override.container_function(Container(q), Container(q), Container(q), 2, skip_reshape=True,
+                                       transformer_options={}) == "previous"
+    assert seen == [True]
+
+
+def test_a_previous_override_without_container_function_gets_tensors_and_the_core_backend(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setattr(attention_hooks, "route_attention", recording_route)
+    core = types.ModuleType("comfy.ldm.modules.attention")
+    core.optimized_attention = lambda *a, **k: "core"
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", core)
+    got = []
+
+    def previous(func, q, k, v, heads, **kwargs):
+        got.append((func, type(q)))
+        return func(q, k, v, heads, **kwargs)
+
+    slot = CallSlot()
+    slot.current = RecordingCall()
+    override = make_override(previous, slot)
+    q = torch.zeros(1, 2, 4, 16)
+    assert override.container_function(Container(q), Container(q), Container(q), 2, skip_reshape=True) == "core"
+    assert got == [(core.optimized_attention, torch.Tensor)]
+
+
+def test_outside_a_fastattn_model_call_containers_pass_on_untouched():
+    module = ModuleBackend()
+    override = make_override(None, CallSlot())
+    q = torch.zeros(1, 2, 4, 16)
+    override.container_function(Container(q), Container(q), Container(q), 2, preferred_attention=module)
+    assert len(module.calls) == 1, "a core that hands the override the module's backend: it is used"
