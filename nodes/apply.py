@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ditfastattn_core.comfy_bridge import apply_config, install
+from ..ditfastattn_core.comfy_bridge.attention_chain import CORE_SPARSE_ORDER, has_core_sparse_attention
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.state import CachePlacement
 from ..ditfastattn_core.steps import STEP_MODES, STRICT
@@ -63,4 +64,6 @@ class ApplyFastAttn(io.ComfyNode):
                               cache_placement=CachePlacement(cache_placement))
         shape = tuple(latent["samples"].shape) if latent is not None else None
         summary = f"{describe(plan)}\n{config.describe_caches(shape, model.model_options)}"
+        if has_core_sparse_attention(model):
+            summary += f"\n{CORE_SPARSE_ORDER}"
         return io.NodeOutput(install(model, config), ui=plan_ui(plan, summary))

@@ -164,6 +164,30 @@ def outer_sparse_patch(override: Any) -> Any:
     return getattr(override, SPARSE_PATCH_ATTR, None)
 
 
+SPARSE_CALLBACK_KEY = "block_sparse_attention"
+"""The key of the ON_PREPARE_STATE callback by which core Model Sparse Attention re-installs itself."""
+
+
+def has_core_sparse_attention(patcher: Any) -> bool:
+    """Whether core Model Sparse Attention is on this ModelPatcher (its override on top, or its
+    per-step callback that puts it back on top: a backend patch set after it is wrapped again)."""
+    options = (getattr(patcher, "model_options", None) or {}).get("transformer_options", {})
+    if outer_sparse_patch(options.get("optimized_attention_override")) is not None:
+        return True
+    import comfy.patcher_extension
+
+    callbacks = getattr(patcher, "callbacks", None) or {}
+    return SPARSE_CALLBACK_KEY in callbacks.get(comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE, {})
+
+
+CORE_SPARSE_ORDER = (
+    "core Model Sparse Attention is in this graph: it puts itself around FastAttn's attention at every step "
+    "(whichever node comes first), computes the calls it makes sparse itself and hands FastAttn the rest, which "
+    "FastAttn compresses by its plan; a cache FastAttn would read from a layer it computed is a miss (FULL)")
+"""Which of the two computes a call when both nodes are in a graph (the order of the nodes does not
+matter); the Apply node says it, and so does the run."""
+
+
 def describe(override: Any) -> str:
     """A name for another pack's override in a log line."""
     if outer_sparse_patch(override) is not None:

@@ -23,6 +23,7 @@ from ..state import RunState
 from ..steps import StepMapper
 from ..strategies import OFFERED_CANDIDATES, Strategy
 from ..window import WindowSpec
+from .attention_chain import has_core_sparse_attention
 from .families import Geometry
 from .install import install, model_geometry
 from .run import ModelCall, Run, check_window
@@ -325,6 +326,10 @@ def calibrate(
     if extra_devices:
         raise ValueError("Calibrate FastAttn Plan measures one forward against another on one device: connect "
                          "the model before MultiGPU CFG Split (the plan it makes applies to the split model)")
+    if has_core_sparse_attention(model):
+        raise ValueError("Calibrate FastAttn Plan measures its strategies against full attention, but core Model "
+                         "Sparse Attention on this model would compute some layers itself: connect the model before "
+                         "Model Sparse Attention, and add that node after Apply FastAttn instead")
     sink = CalibrationSink()
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,

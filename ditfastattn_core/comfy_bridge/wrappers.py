@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .attention_chain import describe, memory_efficient, outer_sparse_patch, preferred_backend
+from .attention_chain import (
+    CORE_SPARSE_ORDER,
+    describe,
+    has_core_sparse_attention,
+    memory_efficient,
+    outer_sparse_patch,
+    preferred_backend,
+)
 from .attention_hooks import CallSlot, is_ours, make_override
 from .call_sites import replaced_blocks
 from .families import OVERRIDE
@@ -57,7 +64,7 @@ def make_outer_sample_wrapper(slot: CallSlot) -> Callable:
                     run.preferred_attention = preferred_backend(guider.model_patcher.model.diffusion_model)
                     override = options[OVERRIDE_KEY] = override_chaining(current)
                     override.memory_efficient = memory_efficient(current, guider.model_options)
-                    if outer_sparse_patch(current) is not None:
+                    if has_core_sparse_attention(guider.model_patcher):
                         run.report("core_sparse", CORE_SPARSE_ORDER)
             return executor(*args, **kwargs)
         finally:
@@ -125,13 +132,6 @@ def make_apply_model_wrapper(slot: CallSlot) -> Callable:
         return out
 
     return fastattn_apply_model
-
-
-CORE_SPARSE_ORDER = (
-    "core Model Sparse Attention is in this graph: it puts itself around FastAttn's attention at every step "
-    "(whichever node comes first), computes the calls it makes sparse itself and hands FastAttn the rest, which "
-    "FastAttn compresses by its plan; a cache FastAttn would read from a layer it computed is a miss (FULL)")
-"""Which of the two computes a call when both nodes are in a graph (the order of the nodes does not matter)."""
 
 
 def account_outer_override(call: ModelCall, options: dict) -> None:

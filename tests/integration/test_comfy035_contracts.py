@@ -201,3 +201,28 @@ def test_core_sparse_computes_its_steps_and_fastattn_caches_skip_them(tiny, capl
     messages = [r.getMessage() for r in caplog.records]
     assert any("core Model Sparse Attention is in this graph" in m for m in messages)
     assert any("computed the layer at the step AST or WA-RS reads" in m for m in messages)
+
+
+def test_calibration_refuses_core_sparse_attention_in_front_of_it(tiny):
+    from ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
+
+    request = CalibrationRequest(seed=0, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="normal",
+                                 mode="fast", delta=0.1)
+    with pytest.raises(ValueError, match="connect the model before Model Sparse Attention"):
+        calibrate(model_sparse_attention(tiny.patcher, sparse_at(tiny, 1, 2)), tiny.positive, tiny.negative,
+                  {"samples": tiny.latent}, request)
+    backend_after = model_sparse_attention(tiny.patcher, sparse_at(tiny, 1, 2))
+    set_model_optimized_attention(backend_after, Backend(grid=4.0).function)
+    with pytest.raises(ValueError, match="connect the model before Model Sparse Attention"):
+        calibrate(backend_after, tiny.positive, tiny.negative, {"samples": tiny.latent}, request)
+
+
+def test_the_apply_node_says_which_of_the_two_computes(tiny, pack):
+    from ditfastattn_core.comfy_bridge.attention_chain import CORE_SPARSE_ORDER
+
+    plan = plan_for(tiny, uniform(tiny, "W"))
+    with_sparse = model_sparse_attention(tiny.patcher, sparse_at(tiny, 1, 2))
+    summary = pack["DiTFastAttn_Apply"].execute(with_sparse, plan, "auto", "strict").ui["ditfastattn_plan"][0]["summary"]
+    assert CORE_SPARSE_ORDER in summary
+    plain = pack["DiTFastAttn_Apply"].execute(tiny.patcher, plan, "auto", "strict").ui["ditfastattn_plan"][0]["summary"]
+    assert CORE_SPARSE_ORDER not in plain
