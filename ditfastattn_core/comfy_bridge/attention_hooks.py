@@ -226,13 +226,12 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
     model call, masked calls and calls that are not a compressible layer run the module's own
     forward. The pack owns the whole module here, so AST reuses the module's output: the
     QKV and output projections are skipped too (``reused_module_output``)."""
-    from comfy.ldm.modules.attention import optimized_attention
-
     if getattr(module, "sr_ratio", 1) > 1:
         raise UnsupportedModelError("PixArt with KV compression (sr_ratio > 1) is not supported")
     original = type(module).forward.__get__(module)
     heads = module.num_heads
     block = {"block_index": block_index}
+    optimized_attention = module_attention(module)
 
     def dense(q, k, v):
         return optimized_attention(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)
@@ -263,6 +262,24 @@ def make_pixart_self_attention(module: torch.nn.Module, slot: CallSlot, block_in
         return keep_module_output(strategy, layer, ctx, call.state, module.proj(out.view(b, n, c)))
 
     return forward
+
+
+def module_attention(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """The core's attention op called as ``module`` calls it: on ComfyUI 0.35+ with q, k, v in
+    tensor containers and the module's own backend (``comfy_attention``), so the layers FastAttn
+    patches but leaves alone, and its dense computations, run the backend the checkpoint chose."""
+    import comfy.ldm.modules.attention as core
+
+    container = getattr(core, "AttentionTensorContainer", None)
+    own = getattr(module, "comfy_attention", None)
+    if container is None:
+        return core.optimized_attention
+
+    def attention(q, k, v, heads, **kwargs):
+        return core.optimized_attention(container(q), container(k), container(v), heads, preferred_attention=own,
+                                        **kwargs)
+
+    return attention
 
 
 MODULE_FORWARDS: dict[str, Callable[[torch.nn.Module, CallSlot, int], Callable]] = {

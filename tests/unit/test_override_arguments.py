@@ -159,3 +159,26 @@ def test_outside_a_fastattn_model_call_containers_pass_on_untouched():
     q = torch.zeros(1, 2, 4, 16)
     override.container_function(Container(q), Container(q), Container(q), 2, preferred_attention=module)
     assert len(module.calls) == 1, "a core that hands the override the module's backend: it is used"
+
+
+def test_patched_modules_call_the_core_as_the_module_does(monkeypatch):
+    """PixArt's patched attention module (the pack owns its forward) calls the core's attention as
+    ComfyUI 0.35+'s module does: containers and its own backend; on older trees, plain tensors."""
+    import sys
+    import types
+
+    calls = []
+    core = types.ModuleType("comfy.ldm.modules.attention")
+    core.optimized_attention = lambda q, k, v, heads, **kw: calls.append((type(q), kw)) or "core"
+    for parent in ("comfy", "comfy.ldm", "comfy.ldm.modules"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", core)
+    sys.modules["comfy.ldm.modules"].attention = core
+    module = torch.nn.Linear(1, 1)
+    module.comfy_attention = SimpleNamespace(function=None)
+    q = torch.zeros(1, 2, 4, 16)
+    assert attention_hooks.module_attention(module)(q, q, q, 2, skip_reshape=True) == "core"
+    assert calls[-1] == (torch.Tensor, {"skip_reshape": True}), "no containers on a core without them"
+    core.AttentionTensorContainer = Container
+    assert attention_hooks.module_attention(module)(q, q, q, 2, skip_reshape=True) == "core"
+    assert calls[-1] == (Container, {"preferred_attention": module.comfy_attention, "skip_reshape": True})
