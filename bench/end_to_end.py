@@ -9,6 +9,10 @@ the median ratio of FULL to FastAttn wall time over back-to-back pairs in this r
 
     python bench/end_to_end.py [--mode guided|fast|paper] [--delta 0.1] [--classes 10] [--samples 4] [--out main_job.png]
 
+``--model image`` or ``--model video`` runs the same job on the 256-token demo models (an SD3
+image model on 128x128 canvases, a Wan video model with 4 frames shown side by side); ``digits``,
+the default, is the 64-token demo.
+
 ``--speed`` runs the same pipeline on PixArt-Sigma-XL's architecture (random weights, reduced
 depth) at 2048^2 and reports the speed ratio (no PNG: random weights draw noise).
 
@@ -29,7 +33,7 @@ from timing import paired_ratio
 from ditfastattn_core.calibrate import GUIDED, MODES
 
 PLAN_NAME = "end_to_end"
-CELL = 64  # a demo sample is 64x64 pixels
+CELL = 64  # a digits-demo sample is 64x64 pixels
 GAP = 4
 MARGIN = 16
 HEAT = 16  # heatmap cell size
@@ -145,10 +149,11 @@ class Layout:
     samples: int
     steps: int
     layers: int
+    cell: tuple[int, int] = (CELL, CELL)  # one sample's (width, height) in pixels
 
     @property
     def panel(self) -> tuple[int, int]:
-        return self.samples * (CELL + GAP) - GAP, self.classes * (CELL + GAP) - GAP
+        return self.samples * (self.cell[0] + GAP) - GAP, self.classes * (self.cell[1] + GAP) - GAP
 
     def panel_box(self, which: int) -> tuple[int, int, int, int]:
         """0: FULL, 1: FastAttn."""
@@ -171,7 +176,8 @@ class Layout:
 
 def render(layout: Layout, full_images, fast_images, letters: list[str], header: list[str], footer: list[str],
            path: Path) -> None:
-    """Images are (N, 1, 64, 64) in [0, 1], class-major; letters are the plan's, one string per step."""
+    """Images are (N, 1, H, W) in [0, 1] (H, W = ``layout.cell``), class-major; letters are the plan's, one
+    string per step."""
     from PIL import Image, ImageDraw, ImageFont
 
     from ditfastattn_core.strategies import legend
@@ -187,7 +193,8 @@ def render(layout: Layout, full_images, fast_images, letters: list[str], header:
         pixels = (images[:, 0].clamp(0, 1) * 255).round().byte().numpy()
         for k, sample in enumerate(pixels):
             row, col = divmod(k, layout.samples)
-            img.paste(Image.fromarray(sample, "L"), (x0 + col * (CELL + GAP), y0 + row * (CELL + GAP)))
+            img.paste(Image.fromarray(sample, "L"),
+                      (x0 + col * (layout.cell[0] + GAP), y0 + row * (layout.cell[1] + GAP)))
     colours = {entry["letter"]: entry["colour"] for entry in legend()}
     x0, y0, x1, y1 = layout.heatmap_box()
     draw.text((x0, y0 - TEXT), "the plan: layers (rows) x steps (columns)", fill="black", font=font)
@@ -228,50 +235,55 @@ def demo_job(args, pack: dict) -> list[str]:
     import torch
 
     import nodes
-    from demo_model import CLASS_EMBEDDINGS_FILE, CLASSIFIER_FILE, DIT_FILE
-    from demo_model.classifier import load_classifier
-    from demo_model.comfy_io import CFG, SAMPLER, SCHEDULER, empty_latent, latent_to_image, sample_classes
-    from demo_model.conditioning import NULL, class_conditioning, load_class_embeddings
+    from demo_model.conditioning import NULL, class_conditioning
+    from demo_model.variants import CFG, SAMPLER, SCHEDULER, variant
     from ditfastattn_core import relative_l1
 
-    settings = Settings(args.steps, CFG, SAMPLER, SCHEDULER, args.delta, args.mode, "band 1/8 (paper)", args.seed,
+    v = variant(args.model)
+    settings = Settings(args.steps, CFG, SAMPLER, SCHEDULER, args.delta, args.mode, args.window, args.seed,
                         args.calibration_seed, args.repeats)
-    (model,) = nodes.UNETLoader().load_unet(DIT_FILE.name, "default")  # listed by the pack
-    emb = load_class_embeddings(CLASS_EMBEDDINGS_FILE)
+    (model,) = nodes.UNETLoader().load_unet(v.dit_file.name, "default")  # listed by the pack
+    emb = v.load_embeddings()
     classes = list(range(args.classes))
     labels = [c for c in classes for _ in range(args.samples)]
     positive, negative = class_conditioning(emb, classes), class_conditioning(emb, [NULL] * len(classes))
 
     def generate(m):
-        return sample_classes(m, emb, labels, seed=settings.seed, steps=settings.steps)
+        return v.sample(m, emb, labels, seed=settings.seed, steps=settings.steps)
 
     progress = Progress(total_steps(settings))
     try:
-        out = run_pipeline(pack, model, positive, negative, empty_latent(len(classes)), generate, settings, progress)
+        out = run_pipeline(pack, model, positive, negative, v.empty_latent(len(classes)), generate, settings, progress)
     finally:
         progress.close()
-    full_images, fast_images = latent_to_image(out.full), latent_to_image(out.fast)
-    classifier = load_classifier(CLASSIFIER_FILE)
+    full_images, fast_images = v.latent_to_image(out.full), v.latent_to_image(out.fast)
+    classifier = v.load_classifier()
     truth = torch.tensor(labels)
     read_full = (classifier.predict(full_images) == truth).sum().item()
     read_fast = (classifier.predict(fast_images) == truth).sum().item()
+    if full_images.dim() == 5:  # video: a sample's frames side by side
+        full_images, fast_images = (torch.cat(x.unbind(1), dim=-1) for x in (full_images, fast_images))
     cost = out.plan.cost()
     figures = [
         cost.describe(),
         f"error vs FULL (mean relative L1 of the latents): {relative_l1(out.full, out.fast):.3f}",
-        f"read as their digit by the demo's classifier: FULL {read_full}/{len(labels)}, FastAttn {read_fast}/{len(labels)}",
+        f"read as their class by the demo's classifier: FULL {read_full}/{len(labels)}, FastAttn {read_fast}/{len(labels)}",
         f"speedup over FULL: {out.speedup:.2f}x (FULL {out.full_seconds:.1f} s per generation of {len(labels)} samples, "
         f"median of {settings.repeats} back-to-back pairs)",
         "(timed on this machine in this run; --speed times PixArt-Sigma-XL's architecture at 2048^2)",
     ]
+    what = {"digits": "SD3/MMDiT, 2 layers, 64 image tokens + 4 text",
+            "image": "SD3/MMDiT, 2 layers, 256 image tokens + 4 text",
+            "video": "Wan 2.1, 2 layers, 4 frames x 8x8 tokens; frames left to right"}[v.name]
     header = [
-        "DiTFastAttn in ComfyUI on the pack's demo model (SD3/MMDiT, 2 layers, 64 image tokens + 4 text)",
+        f"DiTFastAttn in ComfyUI on the pack's {v.name} demo model ({what})",
         f"digits {classes[0]}-{classes[-1]} (rows), one seed per column; {settings.sampler}/{settings.scheduler} "
-        f"{settings.steps} steps, cfg {settings.cfg:g}",
+        f"{settings.steps} steps, cfg {settings.cfg:g}; window {settings.window}",
         f"plan: {settings.mode} mode, delta {settings.delta:g}, calibrated on one latent per digit at seed "
         f"{settings.calibration_seed}",
     ]
-    layout = Layout(args.classes, args.samples, settings.steps, out.plan.layers)
+    layout = Layout(args.classes, args.samples, settings.steps, out.plan.layers,
+                    (full_images.shape[-1], full_images.shape[-2]))
     render(layout, full_images, fast_images, out.plan.schedule.to_letters(), header, figures, args.out)
     return [f"plan: {' '.join(out.plan.schedule.to_letters())}", *figures, f"wrote {args.out}"]
 
@@ -311,6 +323,10 @@ def speed_job(args, pack: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--speed", action="store_true", help="PixArt-Sigma-XL's architecture at --size instead")
+    ap.add_argument("--model", default="digits", choices=["digits", "image", "video"],
+                    help="demo: the 64-token digits model, the 256-token image model or the Wan video model")
+    ap.add_argument("--window", default="band 1/8 (paper)",
+                    help="demo: the Calibrate node's window (a name from its list)")
     ap.add_argument("--classes", type=int, default=10, choices=range(1, 11), metavar="1-10",
                     help="demo: digits 0..classes-1, one row each")
     ap.add_argument("--samples", type=int, default=4, help="demo: samples per class")

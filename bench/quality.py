@@ -24,6 +24,14 @@ sampling.
     COMFYUI_PATH=~/comfyui python bench/quality.py [--samples 256] [--deltas D1 D2 ...]
         [--modes paper fast guided] [--windows band 2d] [--full-cfg 3 4.5]
         [--full-seed-sets 6] [--reuse]
+
+``--model image`` / ``--model video``: the same table on the 256-token demo models
+(demo_model/variants.py) with the window study's windows (``STUDY_WINDOWS``: the 1D band, tiled
+band, 2D box, tiled 2D, 3D boxes and tiled 3D, sized to about the paper band's attention FLOPs on
+that grid; docs/window_study.md):
+
+    COMFYUI_PATH=~/comfyui python bench/quality.py --model image --samples 256 --modes guided \
+        --deltas D2 D4 D6
 """
 
 from __future__ import annotations
@@ -39,6 +47,44 @@ from ditfastattn_core.calibrate import MODES
 
 DELTAS = {"D1": 0.025, "D2": 0.05, "D3": 0.075, "D4": 0.1, "D5": 0.125, "D6": 0.15}
 WINDOWS = {"band": "band 1/8 (paper)", "2d": "2D box 1/8"}
+
+#: The window study's windows per model: key -> (name, WindowSpec arguments). The exact band is the
+#: paper's; the others are sized to about its attention FLOPs on that model's token grid (image:
+#: 16x16 + 4 text tokens, band 26.1%; video: 4x8x8, band 23.8%), because the pack's presets
+#: differ by up to 4x there (and its tiled presets are dense attention: 8x8 tiles on a 16x16 grid).
+#: A 3D box on the image grid folds to T = 1 and is the 2D box; a 2D box cannot be laid on a video
+#: grid with T > 1 (the pack refuses it), so neither is a row.
+STUDY_WINDOWS = {
+    "image": {
+        "band": ("band 1/8 (paper)", {}),
+        "band-tiled": ("study: band 1/8, 8-token tiles", {"tile": (8,)}),
+        "2d": ("study: 2D box 1/4 (radius 4)", {"dims": 2, "extent": (0.25, 0.25)}),
+        "2d-tiled": ("study: 2D box 1/8, 2x4 tiles", {"dims": 2, "extent": (0.125, 0.125), "tile": (2, 4)}),
+    },
+    "video": {
+        "band": ("band 1/8 (paper)", {}),
+        "band-tiled": ("study: band 1/8, 8-token tiles", {"tile": (8,)}),
+        "3d": ("study: 3D box radius 2x2x2", {"dims": 3, "extent": (0.5, 0.25, 0.25)}),
+        "3d-t1": ("study: 3D box radius 1x3x3", {"dims": 3, "extent": (0.25, 0.375, 0.375)}),
+        "3d-all": ("study: 3D box all frames, radius 2x2", {"dims": 3, "extent": (1.0, 0.25, 0.25)}),
+        "3d-tiled": ("study: 3D box radius 1x1x1, 1x2x2 tiles", {"dims": 3, "extent": (0.25, 0.125, 0.125),
+                                                                 "tile": (1, 2, 2)}),
+    },
+}
+
+
+def register_study_windows(model: str) -> dict[str, str]:
+    """Add the model's study windows to the pack's window presets (every loaded copy of
+    ``ditfastattn_core.window``: the pack as ComfyUI loaded it and the bench's import), so the
+    Calibrate node accepts them by name; returns key -> name."""
+    import sys
+
+    if model == "digits":
+        return dict(WINDOWS)
+    for module in [m for n, m in list(sys.modules.items()) if n.endswith("ditfastattn_core.window")]:
+        for name, spec in STUDY_WINDOWS[model].values():
+            module.PRESETS.setdefault(name, module.WindowSpec(**spec))
+    return {key: name for key, (name, _) in STUDY_WINDOWS[model].items()}
 
 
 def bootstrap(stat, n: int, resamples: int, seed: int = 0) -> tuple[float, float]:
@@ -63,48 +109,51 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="samples per KSampler run (seed = its index)")
     ap.add_argument("--deltas", nargs="+", choices=list(DELTAS), default=list(DELTAS))
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    ap.add_argument("--windows", nargs="+", choices=list(WINDOWS), default=list(WINDOWS))
+    ap.add_argument("--model", choices=("digits", "image", "video"), default="digits",
+                    help="digits: the 64-token demo; image, video: the 256-token demo models")
+    ap.add_argument("--windows", nargs="+", default=None,
+                    help=f"digits: {list(WINDOWS)} (default both); image: {list(STUDY_WINDOWS['image'])}; "
+                    f"video: {list(STUDY_WINDOWS['video'])} (default all)")
     ap.add_argument("--full-cfg", nargs="*", type=float, default=[], help="FULL rows at these guidance scales too")
     ap.add_argument("--full-seed-sets", type=int, default=0, help="FULL rows at this many further sets of seeds")
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--resamples", type=int, default=500, help="bootstrap resamples")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality",
-                    help="folder for each configuration's latents")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for each configuration's latents (bench/results/quality[-<model>])")
     ap.add_argument("--reuse", action="store_true", help="take latents saved under --out instead of sampling")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / ("quality" if args.model == "digits" else f"quality-{args.model}")
     import_comfy()
     import torch
 
-    from demo_model import CLASS_EMBEDDINGS_FILE, CLASSIFIER_FILE
-    from demo_model.classifier import load_classifier
-    from demo_model.comfy_io import (
-        CFG,
-        SAMPLER,
-        SCHEDULER,
-        STEPS,
-        empty_latent,
-        latent_to_image,
-        load_demo_dit,
-        sample_classes,
-    )
-    from demo_model.conditioning import NULL, class_conditioning, load_class_embeddings
-    from demo_model.data import NUM_CLASSES, every_shift, load_digits_split, symmetry_error
+    from demo_model.conditioning import NULL, class_conditioning
+    from demo_model.data import NUM_CLASSES, load_digits_split
     from demo_model.frechet import FeatureSpace, frechet_distance
+    from demo_model.variants import CFG, SAMPLER, SCHEDULER, STEPS, variant
     from ditfastattn_core import relative_l1
 
+    torch.set_num_threads(1)
+    v = variant(args.model)
     pack = load_pack()
-    model = load_demo_dit()
-    emb = load_class_embeddings(CLASS_EMBEDDINGS_FILE)
-    clf = load_classifier(CLASSIFIER_FILE)
+    windows = register_study_windows(args.model)
+    args.windows = args.windows or list(windows)
+    unknown = [w for w in args.windows if w not in windows]
+    if unknown:
+        ap.error(f"--windows for --model {args.model}: choose from {list(windows)}, not {unknown}")
+    model = v.load()
+    emb = v.load_embeddings()
+    clf = v.load_classifier()
     train_x, train_y, test_x, test_y = load_digits_split()
-    space = FeatureSpace(clf, every_shift(train_x, train_y)[0])
-    real = space(every_shift(test_x, test_y)[0])
+    space = FeatureSpace(clf, v.real_set(train_x, train_y)[0])
+    real = space(v.real_set(test_x, test_y, seed=1)[0])
+    latent_to_image, empty_latent, symmetry_error = v.latent_to_image, v.empty_latent, v.structure_error
     labels = torch.tensor([i % NUM_CLASSES for i in range(args.samples)])
     batches = math.ceil(args.samples / args.batch)
 
     def generate(m, first_seed: int = 0, cfg: float = CFG) -> torch.Tensor:
-        chunks = [sample_classes(m, emb, labels[i:i + args.batch].tolist(), seed=first_seed + i // args.batch,
-                                 cfg=cfg) for i in range(0, args.samples, args.batch)]
+        chunks = [v.sample(m, emb, labels[i:i + args.batch].tolist(), seed=first_seed + i // args.batch,
+                           cfg=cfg) for i in range(0, args.samples, args.batch)]
         return torch.cat(chunks)
 
     def saved(name: str, make) -> dict:
@@ -136,7 +185,7 @@ def main() -> None:
             correct = (clf.predict(images) == labels).numpy()
         rel_l1, psnr = math.nan, math.nan
         if same_seeds:
-            mse = ((images - full_images) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            mse = ((images - full_images) ** 2).flatten(1).mean(dim=1).clamp_min(1e-10)
             rel_l1 = relative_l1(full, latents)
             psnr = (10 * torch.log10(1.0 / mse)).mean().item() if latents is not full else math.inf
         return {
@@ -147,14 +196,21 @@ def main() -> None:
                                               args.resamples)
                for ref_name, ref in (("real", real), ("full", full_other))},
             "sym": symmetry_error(images).mean().item(),
+            "n": len(correct),
         }
 
-    print(f"demo model (SD3/MMDiT depth 2, 64 image tokens), {args.samples} samples, {STEPS} {SAMPLER} steps "
+    print(f"demo model {v.name} ({v.description}), {args.samples} samples, {STEPS} {SAMPLER} steps "
           f"({SCHEDULER}), cfg {CFG}; calibration on {NUM_CLASSES} latents (one per class), seed "
           f"{args.calibration_seed}; FD on {space.axes.shape[1]} principal components of the classifier's "
           f"features, FD FULL against FULL at seeds {batches}-{2 * batches - 1}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; FULL generation {full_record['seconds']:.0f} s; 95% bootstrap "
           f"intervals over {args.resamples} resamples\n")
+    for key in args.windows:
+        lay = v.grid if v.grid[0] > 1 else v.grid[1:]
+        spec = pack_window_spec(windows[key])
+        print(f"window {key}: {windows[key]} = {spec}, window attention {window_fraction(spec, v):.1%} of dense "
+              f"on the {'x'.join(map(str, lay))} token grid")
+    print()
     head = (f"{'config':<16} {'attn FLOPs':>10} {'rel L1':>7} {'PSNR':>6} {'accuracy [95% CI]':>22} "
             f"{'FD real [95% CI]':>22} {'FD FULL [95% CI]':>22} {'symmetry':>8} {'calib.':>6}  "
             "plan (a group per step, a letter per layer)")
@@ -185,7 +241,7 @@ def main() -> None:
         t0 = time.perf_counter()
         plan, _, _ = pack["DiTFastAttn_Calibrate"].execute(
             model, cal_pos, cal_neg, cal_latent, args.calibration_seed, STEPS, CFG, SAMPLER, SCHEDULER,
-            1.0, DELTAS[d], mode, window=WINDOWS[window], samples=1, window_kernel="auto").result
+            1.0, DELTAS[d], mode, window=window, samples=1, window_kernel="auto").result
         cal_time = time.perf_counter() - t0
         patched = pack["DiTFastAttn_Apply"].execute(model, plan, "auto", "strict").result[0]
         return {"latents": generate(patched), "flops": plan.cost().attention_flops,
@@ -195,9 +251,27 @@ def main() -> None:
         for mode in args.modes:
             for d in args.deltas:
                 name = f"{window} {mode} {d}"
-                record = saved(name, lambda window=window, mode=mode, d=d: compressed(window, mode, d))
+                record = saved(name, lambda window=window, mode=mode, d=d: compressed(windows[window], mode, d))
                 r = row(name, record["flops"], record["latents"])
                 show({**r, "plan": record["plan"], "cal_time": record["cal_time"]})
+
+
+def pack_window_spec(name: str):
+    from ditfastattn_core.window import PRESETS
+
+    return PRESETS[name]
+
+
+def window_fraction(spec, v) -> float:
+    """Window attention's FLOPs relative to dense attention on the model's token layout (SD3:
+    text tokens first and global; Wan: image tokens only, text through cross-attention)."""
+    import math
+
+    from ditfastattn_core.window import TokenLayout
+
+    grid = v.grid if v.grid[0] > 1 else v.grid[1:]
+    text = 4 if v.family == "SD3" else 0
+    return spec.bind(TokenLayout(seq_len=math.prod(grid) + text, image_start=text, grid=grid)).fraction
 
 
 if __name__ == "__main__":

@@ -20,21 +20,23 @@ POOLED_DIM = 32
 class ClassEmbeddings(torch.nn.Module):
     """Rows 0..9 are the classes, row 10 is the null (unconditional) entry."""
 
-    def __init__(self) -> None:
+    def __init__(self, context_dim: int = CONTEXT_DIM, pooled_dim: int | None = POOLED_DIM) -> None:
         super().__init__()
-        self.context = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, CONTEXT_TOKENS, CONTEXT_DIM))
-        self.pooled = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, POOLED_DIM))
+        self.context = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, CONTEXT_TOKENS, context_dim))
+        # the video demo (Wan) has no pooled input: pooled_dim None
+        self.pooled = torch.nn.Parameter(torch.randn(NUM_CLASSES + 1, pooled_dim)) if pooled_dim else None
 
-    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) labels in 0..10 -> context (B, 4, 32) and pooled (B, 32)."""
-        return self.context[labels], self.pooled[labels]
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) labels in 0..10 -> context (B, 4, context_dim) and pooled (B, pooled_dim) or None."""
+        return self.context[labels], None if self.pooled is None else self.pooled[labels]
 
 
 def load_class_embeddings(path: str | Path) -> ClassEmbeddings:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    emb = ClassEmbeddings()
+    tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+    pooled = tensors.get("pooled")
+    emb = ClassEmbeddings(tensors["context"].shape[-1], None if pooled is None else pooled.shape[-1])
     emb.load_state_dict(tensors)
     return emb.eval().requires_grad_(False)
 
@@ -47,4 +49,4 @@ def class_conditioning(embeddings: ClassEmbeddings, labels: Sequence[int]) -> li
         raise ValueError(f"classes must be 0..{NUM_CLASSES - 1} (or {NULL} for the null entry), got {list(labels)}")
     with torch.no_grad():
         context, pooled = embeddings(torch.tensor(list(labels)))
-    return [[context.clone(), {"pooled_output": pooled.clone()}]]
+    return [[context.clone(), {} if pooled is None else {"pooled_output": pooled.clone()}]]

@@ -3,6 +3,8 @@ CPU, and measure them through ComfyUI.
 
     COMFYUI_PATH=/path/to/ComfyUI python -m demo_model.train            # the committed recipe
     COMFYUI_PATH=... python -m demo_model.train --steps 200 --out /tmp/x  # a quick trial elsewhere
+    COMFYUI_PATH=... python -m demo_model.train --model image            # the 256-token models:
+    COMFYUI_PATH=... python -m demo_model.train --model video            # see train_scenes.py
 
 The DiT is ComfyUI's own MMDiT class (built through ``comfy.supported_models.SD3``, the class
 ComfyUI detects for these weights), trained as a rectified flow with the target that ComfyUI's
@@ -78,13 +80,14 @@ def import_comfy() -> None:
     args.cpu = True
 
 
-def build_dit() -> torch.nn.Module:
-    """ComfyUI's MMDiT for UNET_CONFIG, initialised as DiT does (adaLN-zero, zero output layer);
-    the position embedding starts as the 2D sin-cos table and is learned."""
+def build_dit(unet_config: dict | None = None) -> torch.nn.Module:
+    """ComfyUI's MMDiT for ``unet_config`` (UNET_CONFIG), initialised as DiT does (adaLN-zero, zero
+    output layer); the position embedding starts as the 2D sin-cos table and is learned."""
     import comfy.supported_models
     from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
 
-    config = comfy.supported_models.SD3(copy.deepcopy(UNET_CONFIG))
+    unet_config = unet_config or UNET_CONFIG
+    config = comfy.supported_models.SD3(copy.deepcopy(unet_config))
     config.set_inference_dtype(torch.float32, None)
     dit = config.get_model({}).diffusion_model
     for module in dit.modules():
@@ -100,17 +103,18 @@ def build_dit() -> torch.nn.Module:
     for mlp in (dit.t_embedder.mlp, dit.y_embedder.mlp):
         torch.nn.init.normal_(mlp[0].weight, std=0.02)
         torch.nn.init.normal_(mlp[2].weight, std=0.02)
-    grid = UNET_CONFIG["pos_embed_max_size"]
+    grid = unet_config["pos_embed_max_size"]
     table = torch.from_numpy(get_2d_sincos_pos_embed(dit.hidden_size, grid)).float()[None]
     del dit.pos_embed
     dit.pos_embed = torch.nn.Parameter(table)
     return dit
 
 
-def sample_sigmas(size: int, generator: torch.Generator) -> torch.Tensor:
-    """Half uniform in (0, 1), half through SD3's shift 3 (where ComfyUI's default schedule samples)."""
+def sample_sigmas(size: int, generator: torch.Generator, shift: float = 3.0) -> torch.Tensor:
+    """Half uniform in (0, 1), half through the model's shift (SD3's 3: where ComfyUI's default
+    schedule samples)."""
     t = torch.rand(size, generator=generator).clamp(1e-4, 1 - 1e-4)
-    shifted = 3.0 * t / (1 + 2.0 * t)
+    shifted = shift * t / (1 + (shift - 1.0) * t)
     use_shift = torch.rand(size, generator=generator) < 0.5
     return torch.where(use_shift, shifted, t)
 
@@ -197,7 +201,13 @@ def evaluate_full_samples(dit_file, emb, clf, per_class: int, log) -> dict:
 
 
 def main() -> None:
+    if "--model" in sys.argv and sys.argv[sys.argv.index("--model") + 1:][:1] != ["digits"]:
+        from .train_scenes import main as scenes_main
+
+        return scenes_main()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("digits", "image", "video"), default="digits",
+                        help="digits: this 64-token model; image, video: demo_model/train_scenes.py")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"])
     parser.add_argument("--threads", type=int, default=RECIPE["threads"],
                         help="torch CPU threads; on a machine shared with other jobs 1 thread can be much "
