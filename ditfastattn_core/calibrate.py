@@ -26,21 +26,32 @@ error measured where it matters, on the guided prediction ``uncond + cfg * (cond
 the sampler integrates (relative squared error of the layer's attention output combined that
 way), against a fixed budget: no reference forward, no learned scale. Cost: one forward per
 step plus the extra attention.
+
+Sol-Attn (letter S) is a candidate like the others, in the table's cheapest-first order (after
+WA-RS, before ASC: at the sequence lengths it is made for its kept fraction, about 0.3, is below
+ASC's 1/2). Its cost is the call's: where its blocks cover the whole sequence (short sequences,
+such as the demo model's 68 tokens) it saves nothing, the engine runs it dense and counts a miss,
+and a trial with a miss is never chosen, in every mode.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from . import sparse
 from .context import CallContext
 from .engine import DenseFn, attend
 from .loss import relative_l1, relative_squared_error
 from .state import RunState
-from .strategies import CANDIDATE_ORDER, COND, OFFERED_CANDIDATES, UNCOND, Strategy
+from .strategies import CANDIDATE_ORDER, COND, DEFAULT_CANDIDATES, UNCOND, Compute, Strategy
+
+log = logging.getLogger("ditfastattn")
 
 PAPER = "paper"
 FAST = "fast"
@@ -70,6 +81,21 @@ def guided_rows(out: torch.Tensor, ctx: CallContext, scale: float) -> torch.Tens
 def budget(layer: int, layers: int, delta: float) -> float:
     """Algorithm 1's cumulative threshold for layer ``layer``: (i + 1) / L * delta."""
     return (layer + 1) / layers * delta
+
+
+def runnable(strategy: Strategy) -> bool:
+    """Whether ``strategy`` can run on this machine at all; one line for a candidate that cannot
+    (Sol-Attn without a comfy-kitchen that has it), which calibration then leaves out."""
+    if strategy.compute is Compute.SPARSE and not sparse.available():
+        _say_unavailable(strategy)
+        return False
+    return True
+
+
+@functools.cache
+def _say_unavailable(strategy: Strategy) -> None:
+    log.warning("FastAttn: %s is not a calibration candidate here: the installed comfy-kitchen has no "
+                "sol_attn (0.2.40 has it)", strategy.label)
 
 
 @dataclass
@@ -106,7 +132,7 @@ class Calibrator:
     layers: int
     delta: float
     has_cfg: bool
-    candidates: tuple[Strategy, ...] = OFFERED_CANDIDATES
+    candidates: tuple[Strategy, ...] = DEFAULT_CANDIDATES
     rows: dict[int, Row] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     """Per decided step, the whole-output loss of its written row vs all-FULL."""
@@ -115,7 +141,8 @@ class Calibrator:
         if not self.delta > 0:
             raise ValueError(f"delta must be > 0, got {self.delta}")
         self.available = Availability(self.layers, self.has_cfg)
-        self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates)
+        self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates and runnable(c))
+
 
     def decided(self, step: int) -> Row | None:
         """The row chosen for ``step`` once the step is decided, else None."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import sparse
 from .context import CallContext, Chunk
 from .state import CacheKey, RunState
 from .strategies import COND, UNCOND, Cache, Compute, Strategy
@@ -105,6 +106,21 @@ class _Call:
     def window_fn(self, q, k, v):
         return self.ctx.window_kernel(q)(q, k, v, self.ctx.bound_window)
 
+    def sparse_refusal(self) -> str | None:
+        """Why this call cannot run Sol-Attn (letter S), or None: the reason is the name its
+        dense fallback is counted under (``sparse_<reason>``)."""
+        tokens = self.ctx.tokens
+        if tokens is None or tokens.seq_len != self.q.shape[2]:
+            return "no_layout"  # no text span to keep exact: dense rather than a guess
+        if not sparse.saves(tokens):
+            return "no_gain"  # every block exact anyway: dense is the same, and cheaper
+        if not sparse.available():
+            return "unavailable"
+        return None
+
+    def sparse_fn(self, q, k, v):
+        return sparse.sol_attention(q, k, v, self.ctx.tokens)
+
 
 def attend(
     q: torch.Tensor,
@@ -154,7 +170,8 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     # 2. What each remaining chunk computes (the strategy's ``Compute``): the cached output,
     #    window (+ residual, where the strategy reads one), or dense; a missing cache falls
     #    back to dense, counted under its reason.
-    dense_chunks, window_chunks, residuals, reused = [], [], {}, set()
+    dense_chunks, window_chunks, sparse_chunks, residuals, reused = [], [], [], {}, set()
+    refusal = call.sparse_refusal() if base.compute is Compute.SPARSE else None
     for i, c in enumerate(chunks):
         if i in copy_from:
             continue
@@ -173,11 +190,24 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
                 residuals[i] = r
                 continue
             state.miss_cache(Cache.RESIDUAL, step, key)
+        elif base.compute is Compute.SPARSE:
+            if refusal is None:
+                sparse_chunks.append(i)
+                continue
+            state.miss(f"sparse_{refusal}")
         elif base.compute is not Compute.DENSE:
             raise NotImplementedError(f"the engine has no computation for {base.compute}")
         dense_chunks.append(i)
 
-    # 3. Compute, batching the rows that share an action.
+    # 3. Compute, batching the rows that share an action; Sol-Attn first, so that a call no
+    #    kernel could compute joins the dense rows (counted).
+    try:
+        for i, o in zip(sparse_chunks, call.run([chunks[i] for i in sparse_chunks], call.sparse_fn), strict=True):
+            call.out[i] = o
+    except sparse.SparseFailed:
+        for _ in sparse_chunks:
+            state.miss("sparse_failed")
+        dense_chunks, sparse_chunks = sorted(dense_chunks + sparse_chunks), []
     for i, o in zip(dense_chunks, call.run([chunks[i] for i in dense_chunks], call.dense), strict=True):
         call.out[i] = o
     refresh = [] if state.frozen else [
@@ -202,7 +232,7 @@ def _execute(call: _Call, strategy: Strategy) -> torch.Tensor:
     if call.keeps_output():
         _keep(state, step, layer, chunks, call.out, copy_from, reused)
     for i in range(len(chunks)):
-        state.count(_action(i, copy_from, window_chunks, dense_chunks))
+        state.count(_action(i, copy_from, window_chunks, dense_chunks, sparse_chunks))
     return call.assemble()
 
 
@@ -263,11 +293,13 @@ def _keep(state: RunState, step: int, layer: int, chunks: list[Chunk], outs: lis
             state.put_output(step, chunks[i].cache_key(layer), outs[i])
 
 
-def _action(i: int, copy_from, window_chunks, dense_chunks) -> str:
+def _action(i: int, copy_from, window_chunks, dense_chunks, sparse_chunks) -> str:
     if i in copy_from:
         return "cfg_copy"
     if i in window_chunks:
         return "window"
+    if i in sparse_chunks:
+        return "sparse"
     if i in dense_chunks:
         return "dense"
     return "reuse"

@@ -30,6 +30,7 @@ from .cache_memory import AttentionSize, CacheEstimate, estimate_cache_memory
 from .calibrate import MODES
 from .cost import CostSummary, summarize
 from .schedule import Schedule
+from .sparse import cost_fraction
 from .state import CachePlacement
 from .version import __version__
 from .window import TokenLayout, WindowSpec
@@ -101,8 +102,8 @@ class Plan:
         grid = grid or self.grid
         if grid is None:
             raise PlanError("tokens.grid is unknown, so the window's cost cannot be computed")
-        fraction = self.window.bind(TokenLayout.image_only(tuple(grid))).fraction
-        return summarize(self.schedule, fraction, self.has_cfg)
+        layout = TokenLayout.image_only(tuple(grid))
+        return summarize(self.schedule, self.window.bind(layout).fraction, self.has_cfg, cost_fraction(layout))
 
     def cache_estimate(
         self,

@@ -1,6 +1,6 @@
 """The strategy table: everything about the per-(step, layer) attention strategies of
-DiTFastAttn (the paper's five, plus window attention without its residual, the paper's
-ablation), in one place.
+DiTFastAttn (the paper's five, window attention without its residual, the paper's
+ablation, and Sol-Attn block-sparse attention from comfy-kitchen), in one place.
 
 A strategy is a row of ``Strategy``: its plan letter, its label and colour in the editor's
 heatmap, what it computes (``Compute``), whether it shares the conditional branch's result
@@ -18,23 +18,29 @@ from typing import NamedTuple
 
 class Compute(enum.Enum):
     """What a strategy computes for the rows it does not copy from the conditional branch,
-    with its attention FLOPs: ``fixed + per_window * window_fraction`` (1.0 = dense)."""
+    with its attention FLOPs: ``fixed + per_window * window_fraction + per_sparse *
+    sparse_fraction`` (1.0 = dense)."""
 
-    DENSE = ("dense", 1.0, 0.0)
+    DENSE = ("dense", 1.0, 0.0, 0.0)
     """Full attention."""
-    WINDOW = ("window", 0.0, 1.0)
+    WINDOW = ("window", 0.0, 1.0, 0.0)
     """Window attention plus the residual ``full - window`` cached at the layer's last FULL step."""
-    REUSE = ("reuse", 0.0, 0.0)
+    REUSE = ("reuse", 0.0, 0.0, 0.0)
     """The layer's output of the previous step; no attention at all."""
+    SPARSE = ("sparse", 0.0, 0.0, 1.0)
+    """Block-sparse attention (Sol-Attn, ``sparse.py``): routed key blocks exact, the others one
+    pooled term each; its fraction is ``sparse.cost_fraction`` of the call's token layout."""
 
-    def __new__(cls, name: str, fixed: float, per_window: float) -> Compute:
+    def __new__(cls, name: str, fixed: float, per_window: float, per_sparse: float) -> Compute:
         member = object.__new__(cls)
         member._value_ = name
-        member.fixed, member.per_window = fixed, per_window
+        member.fixed, member.per_window, member.per_sparse = fixed, per_window, per_sparse
         return member
 
-    def flops(self, window_fraction: float) -> float:
-        return self.fixed + self.per_window * window_fraction
+    def flops(self, window_fraction: float, sparse_fraction: float = 1.0) -> float:
+        """``sparse_fraction`` defaults to dense: where the layout is unknown a sparse call is
+        not assumed to save anything."""
+        return self.fixed + self.per_window * window_fraction + self.per_sparse * sparse_fraction
 
 
 class Cache(enum.Enum):
@@ -66,6 +72,7 @@ class _Row(NamedTuple):
     description: str
     offered: bool = True
     switch: int | None = None
+    default_on: bool = True
 
 
 class Strategy(enum.Enum):
@@ -82,7 +89,7 @@ class Strategy(enum.Enum):
     )
     ASC = _Row(
         "C", "ASC", "#f59e0b", Compute.DENSE, shares_cfg=True, reads=(Cache.SHARED_COND,),
-        writes=(Cache.SHARED_COND,), candidate_rank=3,
+        writes=(Cache.SHARED_COND,), candidate_rank=4,
         description="ASC: attention for the conditional rows only, copied to the unconditional.", switch=3,
     )
     WA_RS_ASC = _Row(
@@ -97,15 +104,22 @@ class Strategy(enum.Enum):
         switch=0,
     )
     WA = _Row(
-        "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=4,
+        "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=5,
         description="WA: window attention alone, without the residual (the paper's ablation of WA-RS).",
         offered=False,
+    )
+    SPARSE = _Row(
+        "S", "Sol-Attn", "#8b5cf6", Compute.SPARSE, shares_cfg=False, reads=(), writes=(), candidate_rank=3,
+        description="Sol-Attn: block-sparse attention from comfy-kitchen (64-token blocks; the top quarter of key "
+        "blocks, the diagonal and text exact, one pooled term per other block). Off by default: it saves "
+        "only on long sequences, and is fast only on CUDA sm80+ in fp16/bf16 with head dim 128.",
+        switch=4, default_on=False,
     )
 
     def __new__(
         cls, letter: str, label: str, colour: str, compute: Compute, shares_cfg: bool,
         reads: tuple[Cache, ...], writes: tuple[Cache, ...], candidate_rank: int | None, description: str,
-        offered: bool = True, switch: int | None = None,
+        offered: bool = True, switch: int | None = None, default_on: bool = True,
     ) -> Strategy:
         member = object.__new__(cls)
         member._value_ = letter
@@ -131,6 +145,9 @@ class Strategy(enum.Enum):
         switches. Saved workflows keep widget values by position, so a switch keeps its number
         for ever: a new strategy takes the next free number and its switch is appended after
         the node's other inputs, optional (``SWITCHES_IN_PLACE``)."""
+        member.default_on = default_on
+        """An offered candidate the node's switch starts on, and a default candidate. A new
+        strategy starts off, so a saved workflow without its switch calibrates as before."""
         return member
 
     @property
@@ -177,10 +194,10 @@ class Strategy(enum.Enum):
         rows, so it computes, and reads, every other branch's."""
         return self.reads_window_residual and (branch != UNCOND or not self.shares_cfg)
 
-    def cost(self, window_fraction: float, has_cfg: bool) -> float:
+    def cost(self, window_fraction: float, has_cfg: bool, sparse_fraction: float = 1.0) -> float:
         """Attention FLOPs of one layer call (1.0 = dense), per batch of both CFG branches.
         Without CFG a sharing strategy runs as its non-sharing form."""
-        flops = self.compute.flops(window_fraction)
+        flops = self.compute.flops(window_fraction, sparse_fraction)
         return flops / 2 if self.shares_cfg and has_cfg else flops
 
 
@@ -189,10 +206,16 @@ CANDIDATE_ORDER: tuple[Strategy, ...] = tuple(
 )
 """Algorithm 1's try order: cheapest first; FULL is what remains when none passes."""
 
-OFFERED_CANDIDATES: tuple[Strategy, ...] = tuple(s for s in CANDIDATE_ORDER if s.offered)
-"""The candidates the Calibrate node offers, and the default ones (no ablations)."""
+DEFAULT_CANDIDATES: tuple[Strategy, ...] = tuple(s for s in CANDIDATE_ORDER if s.offered and s.default_on)
+"""The candidates calibration takes when none are named: the offered ones that start on."""
 
-SWITCHES: tuple[Strategy, ...] = tuple(sorted(OFFERED_CANDIDATES, key=lambda s: s.switch))
+OFFERED_CANDIDATES: tuple[Strategy, ...] = DEFAULT_CANDIDATES
+"""The former name of ``DEFAULT_CANDIDATES``, kept for callers that take it as their default
+(``comfy_bridge.calibration.CalibrationRequest``)."""
+
+SWITCHES: tuple[Strategy, ...] = tuple(
+    sorted((s for s in CANDIDATE_ORDER if s.offered), key=lambda s: s.switch)
+)
 """The offered candidates in the order of their Calibrate node switches (``Strategy.switch``)."""
 
 SWITCHES_IN_PLACE = 4

@@ -23,7 +23,7 @@ def switch_inputs(strategies, in_place: bool) -> list:
     """The node's ``use_...`` inputs of the offered candidates, by ``Strategy.switch``: those in
     place (required, where saved workflows have them) or the later ones (optional, appended),
     so that a new strategy never shifts the widget values of a saved workflow."""
-    return [io.Boolean.Input(f"use_{s.name.lower()}", default=True, tooltip=s.description,
+    return [io.Boolean.Input(f"use_{s.name.lower()}", default=getattr(s, "default_on", True), tooltip=s.description,
                              **({} if in_place else {"optional": True}))
             for s in strategies if (s.switch < SWITCHES_IN_PLACE) == in_place]
 
@@ -93,7 +93,8 @@ class CalibratePlan(io.ComfyNode):
         unknown = set(use_candidate) - set(CANDIDATE_INPUTS)
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}")
-        candidates = tuple(s for name, s in CANDIDATE_INPUTS.items() if use_candidate.get(name, s.offered))
+        candidates = tuple(s for name, s in CANDIDATE_INPUTS.items()
+                           if use_candidate.get(name, s.offered and s.default_on))
         request = CalibrationRequest(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,

@@ -4,7 +4,13 @@ import pytest
 
 from ditfastattn_core import Cache, Compute, Schedule, Strategy
 from ditfastattn_core.calibrate import Availability
-from ditfastattn_core.strategies import CANDIDATE_ORDER, OFFERED_CANDIDATES, legend
+from ditfastattn_core.strategies import (
+    CANDIDATE_ORDER,
+    DEFAULT_CANDIDATES,
+    OFFERED_CANDIDATES,
+    SWITCHES,
+    legend,
+)
 
 
 def test_letters_are_unique_and_never_aliased():
@@ -16,7 +22,7 @@ def test_letters_are_unique_and_never_aliased():
 def test_plan_letters_keep_their_meaning():
     # part of the plan file format: these must never change
     assert {s.name: s.letter for s in Strategy} == {"FULL": "F", "WA_RS": "W", "ASC": "C", "WA_RS_ASC": "X", "AST": "T",
-                                                    "WA": "A"}
+                                                    "WA": "A", "SPARSE": "S"}
 
 
 def test_every_sharing_strategy_has_a_form_without_sharing():
@@ -30,15 +36,18 @@ def test_candidates_are_ranked_once_and_full_is_the_fallback():
     ranks = [s.candidate_rank for s in CANDIDATE_ORDER]
     assert ranks == sorted(set(ranks))
     assert Strategy.FULL not in CANDIDATE_ORDER and Strategy.FULL.candidate_rank is None
-    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC, Strategy.WA)
-    assert OFFERED_CANDIDATES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC), \
-        "the ablation is not offered: the Calibrate node's inputs stay as saved workflows know them"
+    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.SPARSE, Strategy.ASC,
+                               Strategy.WA)
+    assert DEFAULT_CANDIDATES == OFFERED_CANDIDATES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC), \
+        "neither the ablation nor Sol-Attn is a default: a saved workflow calibrates as it did"
+    assert SWITCHES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC, Strategy.SPARSE)
 
 
 def test_costs_follow_what_is_computed():
-    f = 0.2
-    assert [s.cost(f, True) for s in Strategy] == [1.0, f, 0.5, f / 2, 0.0, f]
+    f, sp = 0.2, 0.3
+    assert [s.cost(f, True, sp) for s in Strategy] == [1.0, f, 0.5, f / 2, 0.0, f, sp]
     assert Compute.REUSE.flops(f) == 0.0 and Compute.DENSE.flops(f) == 1.0
+    assert Strategy.SPARSE.cost(f, True) == 1.0, "a layout-less sparse call is not assumed to save anything"
 
 
 def test_caches_read_and_written():
@@ -98,4 +107,18 @@ def test_calibrate_switches_keep_their_numbers():
     assert numbers == list(range(len(numbers)))
     assert {s.name: s.switch for s in Strategy if s.switch is not None and s.switch < SWITCHES_IN_PLACE} == {
         "AST": 0, "WA_RS_ASC": 1, "WA_RS": 2, "ASC": 3}
+    assert Strategy.SPARSE.switch == 4, "the first appended switch: use_sparse, after every other input"
     assert all(s.switch is None for s in Strategy if not s.offered)
+
+
+def test_sol_attn_is_a_row_that_reads_and_refreshes_nothing():
+    """Letter S computes from this call's q, k, v alone: valid at step 0 and before any FULL, no
+    residual kept for it, no sharing (its own rows), and off by default."""
+    s = Strategy.SPARSE
+    assert s.compute is Compute.SPARSE and not s.uses_window and not s.shares_cfg
+    assert not s.reads and s.writes == {Cache.OUTPUT} and not s.refreshes_residual
+    assert s.without_cfg_sharing is s and s.offered and not s.default_on
+    assert Schedule.from_letters(["S", "S"]).problems() == []
+    assert Schedule.from_letters(["F", "S", "W"]).residual_source(2, 0) == 0, "S refreshes no residual"
+    available = Availability(layers=1, has_cfg=False)
+    assert available.valid(0, 0, s)
