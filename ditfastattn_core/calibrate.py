@@ -27,10 +27,11 @@ the sampler integrates (relative squared error of the layer's attention output c
 way), against a fixed budget: no reference forward, no learned scale. Cost: one forward per
 step plus the extra attention.
 
-Sol-Attn (letter S) is a candidate like the others, in the table's cheapest-first order (after
-WA-RS, before ASC: at the sequence lengths it is made for its kept fraction, about 0.3, is below
-ASC's 1/2). Its cost is the call's: where its blocks cover the whole sequence (short sequences,
-such as the demo model's 68 tokens) it saves nothing, the engine runs it dense and counts a miss,
+Sol-Attn (letter S) is weighed by its cost at the call, which depends on the sequence length
+(about 0.3 of dense at 4k tokens, 0.9 at 256): fast and guided mode, which see each call, try it
+cheapest first among the others (``trial_order``: before the first candidate that costs more
+there); paper mode, which does not, tries it last. Where its blocks cover the whole sequence
+(the digits demo model's 68 tokens) it saves nothing: the engine runs it dense and counts a miss,
 and a trial with a miss is never chosen, in every mode.
 """
 
@@ -96,6 +97,28 @@ def runnable(strategy: Strategy) -> bool:
 def _say_unavailable(strategy: Strategy) -> None:
     log.warning("FastAttn: %s is not a calibration candidate here: the installed comfy-kitchen has no "
                 "sol_attn (0.2.40 has it)", strategy.label)
+
+
+def trial_order(candidates: Sequence[Strategy], ctx: CallContext, has_cfg: bool) -> tuple[Strategy, ...]:
+    """``candidates`` (in the table's order) cheapest first at this call: a Sol-Attn candidate,
+    whose cost depends on the call's length, goes before the first candidate that costs more
+    here; the paper's strategies keep their order among themselves."""
+    if not any(c.compute is Compute.SPARSE for c in candidates) or ctx.tokens is None:
+        return tuple(candidates)
+    try:
+        window = ctx.bound_window.fraction
+    except ValueError:  # a window that cannot be laid on these tokens: its strategies miss anyway
+        window = 1.0
+    fraction = sparse.cost_fraction(ctx.tokens)
+
+    def cost(s: Strategy) -> float:
+        return s.cost(window, has_cfg, fraction)
+
+    order = [c for c in candidates if c.compute is not Compute.SPARSE]
+    for s in (c for c in candidates if c.compute is Compute.SPARSE):
+        at = next((i for i, c in enumerate(order) if cost(c) > cost(s)), len(order))
+        order.insert(at, s)
+    return tuple(order)
 
 
 @dataclass
@@ -278,7 +301,7 @@ class FastCalibrator(Calibrator):
             if step > 0:
                 with state.read_only():
                     reference = attend(q, k, v, Strategy.FULL, layer, ctx, state, dense=dense, **layout)
-                    for cand in self.candidates:
+                    for cand in trial_order(self.candidates, ctx, self.has_cfg):
                         if not self.available.valid(step, layer, cand):
                             continue
                         misses = state.misses

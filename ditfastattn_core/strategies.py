@@ -89,7 +89,7 @@ class Strategy(enum.Enum):
     )
     ASC = _Row(
         "C", "ASC", "#f59e0b", Compute.DENSE, shares_cfg=True, reads=(Cache.SHARED_COND,),
-        writes=(Cache.SHARED_COND,), candidate_rank=4,
+        writes=(Cache.SHARED_COND,), candidate_rank=3,
         description="ASC: attention for the conditional rows only, copied to the unconditional.", switch=3,
     )
     WA_RS_ASC = _Row(
@@ -104,12 +104,12 @@ class Strategy(enum.Enum):
         switch=0,
     )
     WA = _Row(
-        "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=5,
+        "A", "WA", "#a5b4fc", Compute.WINDOW, shares_cfg=False, reads=(), writes=(), candidate_rank=4,
         description="WA: window attention alone, without the residual (the paper's ablation of WA-RS).",
         offered=False,
     )
     SPARSE = _Row(
-        "S", "Sol-Attn", "#8b5cf6", Compute.SPARSE, shares_cfg=False, reads=(), writes=(), candidate_rank=3,
+        "S", "Sol-Attn", "#8b5cf6", Compute.SPARSE, shares_cfg=False, reads=(), writes=(), candidate_rank=5,
         description="Sol-Attn: block-sparse attention from comfy-kitchen (64-token blocks; the top quarter of key "
         "blocks, the diagonal and text exact, one pooled term per other block). Off by default: it saves "
         "only on long sequences, and is fast only on CUDA sm80+ in fp16/bf16 with head dim 128.",
@@ -134,7 +134,9 @@ class Strategy(enum.Enum):
         """Every strategy's output is kept when the next step reuses it (AST)."""
         member.candidate_rank = candidate_rank
         """Calibration tries candidates by rank, cheapest first; None: not a candidate, but
-        what a layer gets when no candidate passes."""
+        what a layer gets when no candidate passes. Sol-Attn's cost depends on the sequence
+        length, so where a calibrator sees the call it tries it at its cost's place instead
+        (``calibrate.trial_order``); its rank, last, holds where it does not (paper mode)."""
         member.description = description
         """One line for tooltips (the Calibrate node's candidate inputs)."""
         member.offered = offered

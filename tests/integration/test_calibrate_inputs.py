@@ -60,3 +60,31 @@ def test_calibrate_samples_what_ksampler_samples(monkeypatch, comfy_nodes, laten
         # a tree that knows the ratios resizes the empty latent to the model's own ratio (8)
         expected = latent["samples"].shape[-1] * latent["downscale_ratio_spacial"] // 8
         assert k_latent.shape[-1] == expected
+
+
+def test_the_sol_attn_switch_is_appended_off_and_a_saved_workflow_calibrates_as_before(monkeypatch, pack):
+    """``use_sparse`` (switch 4) comes after every other input, optional and off; a workflow
+    saved before it (no value for it) asks for the same candidates as before."""
+    import sys
+
+    from ditfastattn_core.strategies import DEFAULT_CANDIDATES, Strategy
+
+    node = pack["DiTFastAttn_Calibrate"]
+    last = node.GET_SCHEMA().inputs[-1]
+    assert last.id == "use_sparse" and last.optional and last.default is False
+    module = sys.modules[node.__module__]
+    seen = []
+
+    def fake_calibrate(model, positive, negative, latent, request, on_progress=None):
+        seen.append(request.candidates)
+        raise _Captured
+
+    monkeypatch.setattr(module, "calibrate", fake_calibrate)
+    args = (None, [], [], {"samples": torch.zeros(1, 4, 8, 8)}, 0, 4, 3.0, "euler", "normal", 1.0, 0.1, "guided")
+    kw = dict(window="band 1/8 (paper)", samples=1, window_kernel="auto", use_ast=True, use_wa_rs_asc=True,
+              use_wa_rs=True, use_asc=True)
+    for extra in ({}, {"use_sparse": True}):
+        with pytest.raises(_Captured):
+            node.execute(*args, **kw, **extra)
+    assert seen[0] == DEFAULT_CANDIDATES and Strategy.SPARSE not in seen[0]
+    assert set(seen[1]) == {*DEFAULT_CANDIDATES, Strategy.SPARSE}

@@ -105,3 +105,25 @@ def test_cancel_mid_calibration_leaves_no_state(tiny):
         calibrate(tiny.patcher, tiny.positive, tiny.negative, {"samples": tiny.latent}, req, on_progress=cancel)
     assert RUN_KEY not in tiny.patcher.model_options.get("transformer_options", {})
     assert not tiny.patcher.object_patches
+
+
+@pytest.mark.skipif(not __import__("ditfastattn_core.sparse").sparse.available(),
+                    reason="comfy-kitchen without sol_attn here (< 0.2.40): letter S is no candidate")
+def test_sol_attn_is_chosen_only_where_it_saves_and_the_plan_reproduces_the_run(tiny):
+    """PixArt's 320 image tokens are 5 Sol-Attn blocks: it saves there, and the plan applied
+    gives the calibration run's latent. Flux's 104 tokens are 2 blocks, every one exact: it saves
+    nothing, so it is never chosen (and its switch changes nothing there)."""
+    import comfy.sample
+
+    result = run(tiny, mode="guided", delta=100.0, candidates=(Strategy.SPARSE,))
+    counts = result.plan.schedule.counts()
+    if tiny.family == "flux":
+        assert Strategy.SPARSE not in counts, result.plan.schedule.to_letters()
+        return
+    assert counts[Strategy.SPARSE] == (result.plan.steps - 1) * result.plan.layers
+    plan = Plan.loads(result.plan.dumps())
+    assert plan.cost().attention_flops < 1.0 and "Sol-Attn" in result.summary()
+    noise = comfy.sample.prepare_noise(tiny.latent, 0)
+    again = comfy.sample.sample(apply_fastattn(tiny.patcher, plan), noise, 4, 3.0, "euler", "normal",
+                                tiny.positive, tiny.negative, tiny.latent, seed=0, disable_pbar=True)
+    torch.testing.assert_close(again, result.samples, rtol=1e-4, atol=1e-4)

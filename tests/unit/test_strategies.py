@@ -36,8 +36,8 @@ def test_candidates_are_ranked_once_and_full_is_the_fallback():
     ranks = [s.candidate_rank for s in CANDIDATE_ORDER]
     assert ranks == sorted(set(ranks))
     assert Strategy.FULL not in CANDIDATE_ORDER and Strategy.FULL.candidate_rank is None
-    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.SPARSE, Strategy.ASC,
-                               Strategy.WA)
+    assert CANDIDATE_ORDER == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC, Strategy.WA,
+                               Strategy.SPARSE)
     assert DEFAULT_CANDIDATES == OFFERED_CANDIDATES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC), \
         "neither the ablation nor Sol-Attn is a default: a saved workflow calibrates as it did"
     assert SWITCHES == (Strategy.AST, Strategy.WA_RS_ASC, Strategy.WA_RS, Strategy.ASC, Strategy.SPARSE)
