@@ -287,3 +287,15 @@ def test_without_comfy_kitchen_sol_attn_is_no_candidate(monkeypatch, caplog):
     default = GuidedCalibrator(layers=1, delta=1.0, has_cfg=True)
     assert S not in default.candidates
     assert sum("Sol-Attn" in r.getMessage() for r in caplog.records) == 1, "not a default: nothing more to say"
+
+
+def test_cache_memory_of_a_plan_with_sol_attn():
+    """Letter S keeps nothing of its own: only the output a following AST step reuses."""
+    from ditfastattn_core.cache_memory import AttentionSize
+
+    def plan(letters):
+        return Plan(schedule=Schedule.from_letters(letters), family="flux", sigmas=(1.0, 0.6, 0.3, 0.0), cfg=4.0,
+                    grid=(64, 64), attention=AttentionSize(4096, 128))
+
+    assert plan(["FF", "SS", "SS"]).cache_estimate().peak_bytes == plan(["FF", "FF", "FF"]).cache_estimate().peak_bytes
+    assert plan(["FF", "SS", "TT"]).cache_estimate().peak_bytes == plan(["FF", "FF", "TT"]).cache_estimate().peak_bytes
