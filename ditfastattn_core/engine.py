@@ -4,7 +4,9 @@
 the per-call context and the run state, and returns the attention output in the layout the
 caller expects. Whatever a strategy needs but cannot have (no residual yet, no previous
 output, nothing to share with) falls back to the next exact computation, and the state counts
-the fallback; a fallback is never a guess.
+the fallback; a fallback is never a guess. Sol-Attn (letter S) is dense where it saves nothing,
+where the call has no token layout, where no comfy-kitchen kernel is installed or where its
+kernel fails (``sparse_no_gain``, ``sparse_no_layout``, ``sparse_unavailable``, ``sparse_failed``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ CANDIDATE_INPUTS = {f"use_{s.name.lower()}": s for s in CANDIDATE_ORDER}
 def switch_inputs(strategies, in_place: bool) -> list:
     """The node's ``use_...`` inputs of the offered candidates, by ``Strategy.switch``: those in
     place (required, where saved workflows have them) or the later ones (optional, appended),
-    so that a new strategy never shifts the widget values of a saved workflow."""
-    return [io.Boolean.Input(f"use_{s.name.lower()}", default=getattr(s, "default_on", True), tooltip=s.description,
-                             **({} if in_place else {"optional": True}))
+    so that a new strategy never shifts the widget values of a saved workflow. A switch starts as
+    its row says (``Strategy.default_on``; a stand-in row without one starts on)."""
+    return [io.Boolean.Input(f"use_{s.name.lower()}", default=getattr(s, "default_on", True),
+                             tooltip=s.description, **({} if in_place else {"optional": True}))
             for s in strategies if (s.switch < SWITCHES_IN_PLACE) == in_place]
 
 

@@ -143,7 +143,7 @@ def test_fuzz_mutated_valid_plans(data):
     assert Plan.loads(plan.dumps()) == plan
 
 
-letters = st.sampled_from("FWCXT")
+letters = st.sampled_from("FWCXTS")
 
 
 @settings(max_examples=100, deadline=None)
