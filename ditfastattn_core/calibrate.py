@@ -166,7 +166,6 @@ class Calibrator:
         self.available = Availability(self.layers, self.has_cfg)
         self.candidates = tuple(c for c in CANDIDATE_ORDER if c in self.candidates and runnable(c))
 
-
     def decided(self, step: int) -> Row | None:
         """The row chosen for ``step`` once the step is decided, else None."""
         return self.rows[step] if step in self.losses else None
