@@ -299,3 +299,18 @@ def test_cache_memory_of_a_plan_with_sol_attn():
 
     assert plan(["FF", "SS", "SS"]).cache_estimate().peak_bytes == plan(["FF", "FF", "FF"]).cache_estimate().peak_bytes
     assert plan(["FF", "SS", "TT"]).cache_estimate().peak_bytes == plan(["FF", "FF", "TT"]).cache_estimate().peak_bytes
+
+
+def test_the_reference_running_out_of_memory_is_a_dense_call_not_a_crash(monkeypatch):
+    """The eager reference holds the dense scores in float32; out of memory there is its own
+    failure, not the model's: that call runs dense, counted."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+    def hungry(*a, **kw):
+        raise oom("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(sparse, "_reference", lambda: hungry)
+    q, k, v = qkv(LONG.seq_len)
+    state = RunState(Schedule.from_letters(["F", "S"]))
+    assert torch.equal(attend(q, k, v, S, 0, ctx(1, LONG), state), DENSE(q, k, v))
+    assert state.stats["sparse_failed"] == 2
