@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 MAX_DIMS = 3
+BORDERS = ("clamp", "shift")
+"""An exact window at the grid's borders: cut off, or shifted inwards (see ``WindowSpec``)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,17 @@ class WindowSpec:
              inwards at the borders so that every query sees the same number of keys. It is
              a different window, not an approximation of the exact one, and is much faster
              on kernels that work in blocks (CPU SDPA, FlexAttention).
+    border:  what an exact window does at the grid's borders. "clamp" (the default, and all
+             that plans without the field mean): the box is cut off, so border queries see
+             fewer keys. "shift": NATTEN's neighbourhood (comfy-kitchen's na2d/na3d), the box
+             keeps its ``2r + 1`` keys per axis (at most the axis) and is shifted inwards; it
+             is the block-aligned window with 1-token tiles, so it needs no tiles of its own.
     """
 
     dims: int = 1
     extent: tuple[float, ...] = (0.125,)
     tile: tuple[int, ...] = ()
+    border: str = "clamp"
 
     def __post_init__(self) -> None:
         if self.dims not in (1, 2, 3):
@@ -88,6 +96,10 @@ class WindowSpec:
         for t in self.tile:
             if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 65536:
                 raise ValueError(f"window tile sizes must be integers in [1, 65536], got {self.tile!r}")
+        if self.border not in BORDERS:
+            raise ValueError(f"window border must be one of {', '.join(BORDERS)}, got {self.border!r}")
+        if self.tile and self.border != "clamp":
+            raise ValueError("a block-aligned window is already shifted inwards at the borders: give tile or border, not both")
 
     @classmethod
     def paper(cls) -> WindowSpec:
@@ -98,6 +110,11 @@ class WindowSpec:
     def exact(self) -> bool:
         return len(self.tile) == 0
 
+    @property
+    def shifted(self) -> bool:
+        """An exact window that keeps its size at the borders (NATTEN's neighbourhood)."""
+        return self.border == "shift"
+
     def bind(self, layout: TokenLayout) -> Window:
         """Resolve the window for one call's token layout."""
         grid = _fold_grid(layout.grid, self.dims)
@@ -105,23 +122,31 @@ class WindowSpec:
         return Window(spec=self, layout=layout, grid=grid, radius=radius)
 
     def to_json(self) -> dict[str, Any]:
-        return {"dims": self.dims, "extent": list(self.extent), "tile": list(self.tile)}
+        """The plan's ``window`` object; ``border`` only when not the default, so a clamped
+        window writes exactly what plans wrote before the field existed."""
+        data: dict[str, Any] = {"dims": self.dims, "extent": list(self.extent), "tile": list(self.tile)}
+        if self.border != "clamp":
+            data["border"] = self.border
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> WindowSpec:
         if not isinstance(data, dict):
             raise ValueError("window must be an object with dims, extent and tile")
-        unknown = set(data) - {"dims", "extent", "tile"}
+        unknown = set(data) - {"dims", "extent", "tile", "border"}
         if unknown:
             raise ValueError(f"window has unknown field(s): {sorted(unknown)}")
         dims = data.get("dims")
         extent = data.get("extent")
         tile = data.get("tile", [])
+        border = data.get("border", "clamp")
         if not isinstance(dims, int) or isinstance(dims, bool):
             raise ValueError("window.dims must be an integer")
         if not isinstance(extent, list) or not isinstance(tile, list):
             raise ValueError("window.extent and window.tile must be lists")
-        return cls(dims=dims, extent=tuple(extent), tile=tuple(tile))
+        if not isinstance(border, str):
+            raise ValueError(f"window.border must be one of {', '.join(BORDERS)}")
+        return cls(dims=dims, extent=tuple(extent), tile=tuple(tile), border=border)
 
 
 PRESETS: dict[str, WindowSpec] = {
@@ -131,8 +156,12 @@ PRESETS: dict[str, WindowSpec] = {
     "2D box 1/8, 8x8 tiles": WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)),
     "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
     "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
+    "2D neighbourhood 1/8 (comfy-kitchen na2d)": WindowSpec(dims=2, extent=(0.125, 0.125), border="shift"),
+    "3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d, video)": WindowSpec(
+        dims=3, extent=(0.25, 0.125, 0.125), border="shift"),
 }
-"""The windows Calibrate offers by name; the kernel benchmark times exactly these."""
+"""The windows Calibrate offers by name; the kernel benchmark times exactly these. Saved
+workflows store the names: append new ones, never rename."""
 
 
 def _fold_grid(grid: tuple[int, ...], dims: int) -> tuple[int, ...]:
@@ -161,9 +190,9 @@ class Window:
     def axis_box(self, axis: int, coord: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inclusive [lo, hi] of visible key coordinates on one axis, for query coords."""
         size, r = self.grid[axis], self.radius[axis]
-        if self.spec.exact:
+        if self.spec.exact and not self.spec.shifted:
             return (coord - r).clamp(min=0), (coord + r).clamp(max=size - 1)
-        t = self.spec.tile[axis]
+        t = self.spec.tile[axis] if self.spec.tile else 1  # border-shifted: 1-token tiles
         n_tiles = -(-r // t)
         win = min((2 * n_tiles + 1) * t, size)
         start = ((coord // t - n_tiles) * t).clamp(min=0, max=size - win)
@@ -222,6 +251,6 @@ class Window:
     def band_half_width(self) -> int | None:
         """Half-width if this is an exact 1D band over a pure image sequence (what
         flash-attn's ``window_size=(w, w)`` expresses), else None."""
-        if self.spec.dims == 1 and self.spec.exact and self.layout.num_global == 0:
+        if self.spec.dims == 1 and self.spec.exact and not self.spec.shifted and self.layout.num_global == 0:
             return self.radius[0]
         return None

@@ -10,6 +10,11 @@ attention; an exception (a compile failure, Triton missing, an unloadable flash-
 mismatch disables that kernel for the process with one warning line, and the next kernel is
 chosen. A kernel that fails later, on a call its check did not see, is disabled the same way
 and the call runs again on the next one (``FailSafeKernel``).
+
+"auto" by measurement: where more than one kernel auto may use can run a window on a device,
+dtype and head dim (say comfy-kitchen's na3d and blocked SDPA for a border-shifted window),
+``checked_kernel`` times each once after its check, on a slice of the call's shape, and keeps
+the fastest for that (device, dtype, head dim, window); the fixed order breaks ties.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import functools
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +33,8 @@ from ..window import Window
 from .blocked import blocked_window_attention
 from .flash import MAX_HEAD_DIM, SUPPORTED_DTYPES, flash_available, flash_window_attention
 from .flex import flex_available, flex_window_attention
+from .kitchen import REQUIREMENT as KITCHEN_REQUIREMENT
+from .kitchen import kitchen_available, kitchen_unsupported, kitchen_window_attention
 from .reference import reference_window_attention
 
 WindowKernelFn = Callable[..., torch.Tensor]
@@ -41,6 +49,8 @@ class WindowKernel:
     available: Callable[[], bool]
     unsupported: Callable[[Window, torch.Tensor], str | None]
     """Why this kernel cannot run this window on this q, or None if it can."""
+    needs: str = ""
+    """What to install when it is not available (said in the fallback warning)."""
 
     def __call__(self, q, k, v, window: Window, scale: float | None = None) -> torch.Tensor:
         return self.fn(q, k, v, window, scale)
@@ -77,11 +87,14 @@ KERNELS: dict[str, WindowKernel] = {
         WindowKernel("flex", flex_window_attention, flex_available, _flex_unsupported),
         WindowKernel("blocked", blocked_window_attention, lambda: True, _any),
         WindowKernel("reference", reference_window_attention, lambda: True, _any),
+        WindowKernel("kitchen", kitchen_window_attention, kitchen_available, kitchen_unsupported,
+                     needs=KITCHEN_REQUIREMENT),
     )
 }
 
-_AUTO_ORDER = {"cuda": ("flash", "flex", "blocked")}
-_AUTO_DEFAULT = ("blocked",)
+_AUTO_ORDER = {"cuda": ("flash", "flex", "kitchen", "blocked")}
+_AUTO_DEFAULT = ("blocked", "kitchen")
+"""Kernels auto may use per device type, in the order that breaks ties of measured speed."""
 
 
 def kernel_names() -> list[str]:
@@ -133,18 +146,26 @@ def select_kernel(window: Window, q: torch.Tensor, preference: str = AUTO) -> Wi
         if not reason:
             return kernel
         _warn_fallback(preference, reason)
-    for name in _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT):
-        kernel = KERNELS[name]
-        if not _unusable(kernel) and kernel.unsupported(window, q) is None:
-            return kernel
+    candidates = _auto_candidates(window, q)
+    if candidates:
+        return candidates[0]
     return KERNELS["blocked"] if "blocked" not in DISABLED else KERNELS["reference"]
+
+
+def _auto_candidates(window: Window, q: torch.Tensor) -> list[WindowKernel]:
+    """The kernels auto may run ``window`` on ``q`` with, in tie-break order (what a kernel
+    cannot express is asked first: that needs no import of an optional package)."""
+    kernels = (KERNELS[name] for name in _AUTO_ORDER.get(q.device.type, _AUTO_DEFAULT))
+    return [k for k in kernels if k.unsupported(window, q) is None and not _unusable(k)]
 
 
 def _unusable(kernel: WindowKernel) -> str | None:
     if kernel.name in DISABLED:
         return f"it failed on this machine ({DISABLED[kernel.name]})"
     try:
-        return None if kernel.available() else "it is not installed"
+        if kernel.available():
+            return None
+        return f"it is not installed (needs {kernel.needs})" if kernel.needs else "it is not installed"
     except Exception as e:  # an extension that is installed but cannot be loaded (a mismatched wheel)
         return f"it cannot be loaded ({_describe(e)})"
 
@@ -209,25 +230,99 @@ def kernel_check(kernel: WindowKernel, window: Window, q: torch.Tensor) -> str |
 
 def checked_kernel(window: Window, q: torch.Tensor, preference: str = AUTO) -> FailSafeKernel:
     """``select_kernel``'s choice, checked once per (kernel, device, dtype, head dim, window);
-    a kernel that fails its check is disabled and the next one chosen."""
+    a kernel that fails its check is disabled and the next one chosen. Where auto chooses
+    (asked for, or the named kernel cannot run) among several kernels, the fastest measured."""
     while True:
         kernel = select_kernel(window, q, preference)
-        if kernel.name == "reference":
+        if kernel.name != preference:
+            kernel = _fastest(window, q) or kernel
+        if kernel.name == "reference" or _passes_check(kernel, window, q):
             return FailSafeKernel(kernel, preference)
-        key = (kernel.name, q.device, q.dtype, q.shape[-1], window)
+
+
+def _passes_check(kernel: WindowKernel, window: Window, q: torch.Tensor) -> bool:
+    """``kernel_check`` once per (kernel, device, dtype, head dim, window); a failure disables it."""
+    key = (kernel.name, q.device, q.dtype, q.shape[-1], window)
+    with _lock:
+        ok = _checked.get(key)
+    if ok is None:
+        reason = kernel_check(kernel, window, q)
+        ok = reason is None
         with _lock:
-            ok = _checked.get(key)
-        if ok is None:
-            reason = kernel_check(kernel, window, q)
-            ok = reason is None
-            with _lock:
-                _checked[key] = ok
-            if reason is not None:
-                disable(kernel, reason)
-        if ok:
-            return FailSafeKernel(kernel, preference)
-        if kernel.name not in DISABLED:  # failed for this shape only: never again for it
-            disable(kernel, "it failed its check on this machine")
+            _checked[key] = ok
+        if reason is not None:
+            disable(kernel, reason)
+    if not ok and kernel.name not in DISABLED:  # failed for this shape only: never again for it
+        disable(kernel, "it failed its check on this machine")
+    return ok
+
+
+# --- auto by measurement: the fastest checked kernel per (device, dtype, head dim, window) ----
+
+_rankings: dict[tuple, tuple[str, ...]] = {}
+"""Per (device, dtype, head dim, window): the kernels that passed, fastest first."""
+TIMING_HEADS = 4
+"""Heads of the slice auto times (one batch row, the whole sequence): enough to fill a
+kernel's blocks, a fraction of a layer's work."""
+
+
+def time_kernel(kernel: WindowKernel, window: Window, q: torch.Tensor) -> float:
+    """Seconds ``kernel`` takes on a slice of ``q``'s shape, after one warm-up call (caches,
+    compilation). Replaced in tests, where a measurement must not decide."""
+    g = torch.Generator().manual_seed(1)
+    shape = (1, min(q.shape[1], TIMING_HEADS), window.layout.seq_len, q.shape[-1])
+    qs, ks, vs = (torch.randn(shape, generator=g).to(device=q.device, dtype=q.dtype) for _ in range(3))
+
+    def sync() -> None:
+        if q.device.type == "cuda":
+            torch.cuda.synchronize(q.device)
+
+    kernel(qs, ks, vs, window)
+    sync()
+    start = time.perf_counter()
+    kernel(qs, ks, vs, window)
+    sync()
+    return time.perf_counter() - start
+
+
+def _fastest(window: Window, q: torch.Tensor) -> WindowKernel | None:
+    """The fastest usable kernel auto may run here, measured once per (device, dtype, head
+    dim, window) after each candidate passed its check; None when at most one can run."""
+    candidates = _auto_candidates(window, q)
+    if len(candidates) < 2:
+        return None
+    key = (q.device, q.dtype, q.shape[-1], window)
+    with _lock:
+        ranking = _rankings.get(key)
+    if ranking is None:
+        times: dict[str, float] = {}
+        for kernel in candidates:
+            seconds = _timed(kernel, window, q) if _passes_check(kernel, window, q) else None
+            if seconds is not None:
+                times[kernel.name] = seconds
+        order = [k.name for k in candidates]
+        ranking = tuple(sorted(times, key=lambda name: (times[name], order.index(name))))
+        with _lock:
+            _rankings[key] = ranking
+        log.info("FastAttn: window kernel timings on %s %s, head dim %d, %s: %s", q.device.type,
+                 str(q.dtype).removeprefix("torch."), q.shape[-1], window.spec,
+                 ", ".join(f"{name} {times[name] * 1e3:.3g} ms" for name in ranking))
+    for name in ranking:
+        kernel = KERNELS[name]
+        if not _unusable(kernel) and kernel.unsupported(window, q) is None:
+            return kernel
+    return None
+
+
+def _timed(kernel: WindowKernel, window: Window, q: torch.Tensor) -> float | None:
+    """``time_kernel``'s seconds, or None (and the kernel disabled) if it raised on the slice."""
+    try:
+        return time_kernel(kernel, window, q)
+    except _OUT_OF_MEMORY:
+        raise
+    except Exception as e:
+        disable(kernel, _describe(e))
+        return None
 
 
 @dataclass

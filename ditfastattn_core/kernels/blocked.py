@@ -180,8 +180,8 @@ def _tile_keys(window: Window) -> int:
 
 def _split_chunk(window: Window, device_type: str) -> int | None:
     """Query rows per chunk of the split band for this call, or None to use masked blocks."""
-    if window.spec.dims != 1 or device_type != "cpu" or lse_attention_op() is None:
-        return None
+    if window.spec.dims != 1 or window.spec.shifted or device_type != "cpu" or lse_attention_op() is None:
+        return None  # the split parts below assume a band cut off at the borders, or tiles
     if window.spec.exact:
         # a chunk wider than the radius would leave no key that all its queries see
         return SPLIT_CHUNK_1D if window.radius[0] >= SPLIT_CHUNK_1D else None
@@ -195,6 +195,8 @@ def _split_chunk(window: Window, device_type: str) -> int | None:
 
 
 def _check_chunk(window: Window, chunk: int) -> None:
+    if window.spec.shifted:
+        raise ValueError("the split band cuts a band off at the borders; a border-shifted one takes masked blocks")
     if window.spec.exact:
         if not 1 <= chunk <= window.radius[0]:
             raise ValueError(f"split-band chunk {chunk} must be in [1, radius {window.radius[0]}]")

@@ -11,6 +11,7 @@ overlapping ``as_strided``), so one SDPA call runs all of them.
 Exact windows pad the key grid with ``radius`` zeros on every side so that every tile's box
 has the same shape; an additive mask (built once per geometry) removes the padding and the
 box corners. Block-aligned windows need no padding and no mask: a tile's box is the window.
+Border-shifted windows need no padding either (their boxes stay inside the grid), only the mask.
 Global (text) keys are merged in through the log-sum-exp the CPU flash kernel returns, so
 image queries see text keys plus their window, exactly as ``Window.allowed`` says.
 """
@@ -105,15 +106,20 @@ def _query_tile(window: Window) -> tuple[int, ...]:
 def _axis(window: Window, axis: int, tile: int) -> _Axis:
     size, r = window.grid[axis], window.radius[axis]
     tiles = -(-size // tile)
-    if window.spec.exact:
+    if window.spec.exact and not window.spec.shifted:
         # padded coordinates: key c sits at c + r, so tile j's box [j*t - r, j*t + t - 1 + r]
         # starts at j*t and every box has t + 2r keys
         keys = min(tile + 2 * r, size + 2 * r)
         pad = (r, max(0, tiles * tile + r - size))
         return _Axis(size, tile, keys, tuple(j * tile for j in range(tiles)), pad)
-    lo, hi = window.axis_box(axis, torch.arange(tiles) * tile)
-    keys = int(hi[0] - lo[0]) + 1  # a block-aligned box has the same length everywhere
-    return _Axis(size, tile, keys, tuple(int(s) for s in lo), (0, 0))
+    # Boxes shifted inwards at the borders (block-aligned, border-shifted) never leave the
+    # grid: a tile's keys are the span from its first query's box to its last one's, and one
+    # length (the longest span) fits every tile once its start is kept inside the grid.
+    first = torch.arange(tiles) * tile
+    lo, _ = window.axis_box(axis, first)
+    _, hi = window.axis_box(axis, (first + tile - 1).clamp(max=size - 1))
+    keys = int((hi - lo).max()) + 1
+    return _Axis(size, tile, keys, tuple(int(s) for s in lo.clamp(max=size - keys)), (0, 0))
 
 
 def _runs_of(starts: tuple[int, ...]) -> list[tuple[int, int, int]]:

@@ -23,6 +23,16 @@ CASES = {
     "2d-tiled-ragged": (WindowSpec(dims=2, extent=(0.125, 0.125), tile=(8, 8)), TokenLayout(seq_len=21 * 30 + 6, image_start=0, grid=(21, 30))),
     "3d-ragged-text": (WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)), TokenLayout(seq_len=5 + 3 * 11 * 35, image_start=5, grid=(3, 11, 35))),
     "3d-tiled-ragged": (WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)), TokenLayout.image_only((5, 12, 19))),
+    # border-shifted (NATTEN) neighbourhoods: strips without padding, masked blocks elsewhere
+    "2d-shift": (WindowSpec(dims=2, extent=(0.25, 0.2), border="shift"), TokenLayout.image_only((13, 9))),
+    "2d-shift-ragged-text-both-sides": (WindowSpec(dims=2, extent=(0.2, 0.15), border="shift"),
+                                        TokenLayout(seq_len=7 + 19 * 37 + 4, image_start=7, grid=(19, 37))),
+    "2d-shift-kernel-wider-than-axis": (WindowSpec(dims=2, extent=(0.5, 0.125), border="shift"),
+                                        TokenLayout.image_only((3, 40))),
+    "3d-shift-ragged": (WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), border="shift"), TokenLayout.image_only((3, 11, 35))),
+    "3d-shift-text": (WindowSpec(dims=3, extent=(0.5, 0.25, 0.25), border="shift"),
+                      TokenLayout(seq_len=5 + 4 * 6 * 5, image_start=5, grid=(4, 6, 5))),
+    "band-shift-text": (WindowSpec(border="shift"), TokenLayout(seq_len=11 + 700, image_start=11, grid=(700,))),
 }
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -92,6 +102,15 @@ SPLIT_CASES = {
 }
 
 
+def test_a_border_shifted_band_never_takes_the_split_route():
+    """The split parts assume a band cut off at the borders: a shifted one takes masked blocks."""
+    w = WindowSpec(border="shift").bind(TokenLayout.image_only((8000,)))  # radius 1000 >= the chunk
+    assert blocked._split_chunk(w, "cpu") is None
+    q, k, v = _qkv(w.layout, torch.float32, batch=1, heads=1, dim=4)
+    with pytest.raises(ValueError, match="border-shifted"):
+        blocked._split_band_attention(q, k, v, w, None, 768)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(SPLIT_CASES))
 def test_split_band_equals_dense_masked_reference(dtype, case):
@@ -133,6 +152,7 @@ def test_wide_bands_on_cpu_take_the_split_route(monkeypatch):
         "tiled-short": (WindowSpec(extent=(0.03,), tile=(8,)), None),  # 40 keys a tile <= 2 * 32
         "tiled-big": (WindowSpec(tile=(32,)), None),  # one tile a chunk: nothing to gain
         "2d": (WindowSpec(dims=2, extent=(0.25, 0.25)), None),
+        "exact-shifted": (WindowSpec(border="shift"), None),
     }
     for name, (spec, expected) in cases.items():
         calls.clear()
@@ -154,7 +174,8 @@ def test_boxes_on_cpu_take_the_strip_route_and_tiled_ones_waste_nothing(monkeypa
     real = strips.strip_attention
     monkeypatch.setattr(blocked, "strip_attention", lambda *a: calls.append(a[3].spec) or real(*a))
     for case, strip_route in (("2d", True), ("2d-tiled-ragged", False), ("3d-ragged-text", True),
-                              ("3d-tiled-ragged", True)):
+                              ("3d-tiled-ragged", True), ("2d-shift-ragged-text-both-sides", True),
+                              ("3d-shift-ragged", True), ("band-shift-text", False)):
         calls.clear()
         spec, layout = CASES[case]
         w = spec.bind(layout)
@@ -296,6 +317,7 @@ def fresh_checks(monkeypatch):
 
     monkeypatch.setattr(kernels, "DISABLED", {})
     monkeypatch.setattr(kernels, "_checked", {})
+    monkeypatch.setattr(kernels, "_rankings", {})
     return kernels
 
 
@@ -394,3 +416,133 @@ def test_working_kernels_pass_their_check_once_per_shape(fresh_checks, monkeypat
                 assert checked_kernel(w, q, name).name == name
     assert sorted(seen) == sorted(n for n in names for _ in range(2)), "once per kernel and dtype"
     assert not fresh_checks.DISABLED
+
+
+# --- auto by measured speed -------------------------------------------------------------------
+
+SHIFTED = WindowSpec(dims=2, extent=(0.25, 0.25), border="shift")
+
+
+@pytest.fixture
+def measured(fresh_checks, monkeypatch):
+    """A process with an exact stand-in for comfy-kitchen's kernel (so blocked and kitchen can
+    both run a border-shifted window on the CPU) and a timer that reads ``times``."""
+    from ditfastattn_core.kernels.kitchen import kitchen_unsupported
+
+    monkeypatch.setitem(KERNELS, "kitchen", KERNELS["kitchen"].__class__(
+        "kitchen", KERNELS["reference"].fn, lambda: True, kitchen_unsupported))
+    times, calls = {"blocked": 2.0, "kitchen": 1.0}, []
+
+    def timer(kernel, window, q):
+        calls.append((kernel.name, q.dtype, q.shape[-1], window))
+        return times[kernel.name]
+
+    monkeypatch.setattr(fresh_checks, "time_kernel", timer)
+    return types.SimpleNamespace(times=times, calls=calls, kernels=fresh_checks)
+
+
+def test_auto_runs_the_kernel_measured_fastest_once_per_device_dtype_head_dim_and_window(measured):
+    from ditfastattn_core.kernels import checked_kernel
+
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    q = torch.zeros(1, 2, 64, 8)
+    assert checked_kernel(w, q).name == "kitchen"
+    assert sorted(c[0] for c in measured.calls) == ["blocked", "kitchen"], "each candidate timed once"
+    measured.times.update(blocked=0.5)  # a later measurement would say otherwise: it is not taken
+    for _ in range(3):
+        assert checked_kernel(w, q).name == "kitchen"
+    assert len(measured.calls) == 2
+    assert checked_kernel(w, q.to(torch.bfloat16)).name == "blocked", "another dtype is measured anew"
+    assert checked_kernel(w, torch.zeros(1, 2, 64, 16)).name == "blocked", "another head dim too"
+    assert len(measured.calls) == 6
+    assert select_kernel(w, q).name == "blocked", "select_kernel keeps the fixed order"
+
+
+def test_auto_breaks_a_tie_by_the_fixed_order_and_times_nothing_with_one_candidate(measured):
+    from ditfastattn_core.kernels import checked_kernel
+
+    measured.times.update(blocked=1.0, kitchen=1.0)
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    assert checked_kernel(w, torch.zeros(1, 1, 64, 8)).name == "blocked"
+    measured.calls.clear()
+    clamped = WindowSpec(dims=2, extent=(0.25, 0.25)).bind(TokenLayout.image_only((8, 8)))
+    text = SHIFTED.bind(TokenLayout(seq_len=64 + 3, image_start=3, grid=(8, 8)))
+    for window in (clamped, text):  # kitchen cannot run these: nothing to choose between
+        assert checked_kernel(window, torch.zeros(1, 1, window.layout.seq_len, 8)).name == "blocked"
+    assert checked_kernel(w, torch.zeros(1, 1, 64, 8), "blocked").name == "blocked", "a named kernel is not timed"
+    assert measured.calls == []
+
+
+def test_auto_skips_a_measured_kernel_that_fails_and_falls_back_to_the_next_measured(measured, monkeypatch, caplog):
+    from ditfastattn_core.kernels import checked_kernel
+
+    def fails_on_batches(q, k, v, window, scale=None):
+        if q.shape[0] > 1:
+            raise RuntimeError("CUDA error: invalid configuration argument")
+        return KERNELS["reference"](q, k, v, window, scale)
+
+    monkeypatch.setitem(KERNELS, "kitchen", _failing("kitchen", fails_on_batches))
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    q, k, v = (torch.randn(2, 2, 64, 8) for _ in range(3))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        kernel = checked_kernel(w, q)
+        assert kernel.name == "kitchen"
+        torch.testing.assert_close(kernel(q, k, v, w), KERNELS["reference"](q, k, v, w))
+        assert kernel.name == "blocked" and checked_kernel(w, q).name == "blocked"
+    assert len(measured.calls) == 2, "the fallback comes from the measurement, not a new one"
+    assert len([r for r in caplog.records if "'kitchen' disabled" in r.getMessage()]) == 1
+
+
+def test_auto_does_not_time_a_kernel_that_fails_its_check(measured, monkeypatch, caplog):
+    from ditfastattn_core.kernels import checked_kernel
+
+    monkeypatch.setitem(KERNELS, "kitchen", _failing("kitchen", lambda q, k, v, window, scale=None: q + 1))
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        assert checked_kernel(w, torch.zeros(1, 1, 64, 8)).name == "blocked"
+    assert [c[0] for c in measured.calls] == ["blocked"]
+    assert len([r for r in caplog.records if "'kitchen' disabled" in r.getMessage()]) == 1
+
+
+def test_a_kernel_that_raises_while_being_timed_is_disabled_and_not_chosen(measured, monkeypatch, caplog):
+    from ditfastattn_core.kernels import checked_kernel
+
+    def timer(kernel, window, q):
+        if kernel.name == "kitchen":
+            raise RuntimeError("out of shared memory for this tile")
+        return 1.0
+
+    monkeypatch.setattr(measured.kernels, "time_kernel", timer)
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    with caplog.at_level("WARNING", logger="ditfastattn"):
+        assert checked_kernel(w, torch.zeros(1, 1, 64, 8)).name == "blocked"
+    assert "kitchen" in measured.kernels.DISABLED
+    assert len([r for r in caplog.records if "'kitchen' disabled" in r.getMessage()]) == 1
+
+
+def test_the_timer_times_a_slice_of_the_call(fresh_checks):
+    w = SHIFTED.bind(TokenLayout.image_only((8, 8)))
+    seen = []
+
+    def spy(q, k, v, window, scale=None):
+        seen.append(tuple(q.shape))
+        return KERNELS["reference"](q, k, v, window, scale)
+
+    seconds = fresh_checks.time_kernel(_failing("blocked", spy), w, torch.zeros(3, 16, 64, 8))
+    assert seconds > 0
+    assert seen == [(1, fresh_checks.TIMING_HEADS, 64, 8)] * 2, "one warm-up and one timed call"
+
+
+def test_auto_on_cuda_keeps_its_order_as_the_tie_break(fake_flash, monkeypatch):
+    from ditfastattn_core.kernels import _auto_candidates
+    from ditfastattn_core.kernels.kitchen import kitchen_unsupported
+
+    monkeypatch.setitem(KERNELS, "kitchen", KERNELS["kitchen"].__class__(
+        "kitchen", KERNELS["kitchen"].fn, lambda: True, kitchen_unsupported))
+    monkeypatch.setitem(KERNELS, "flex", KERNELS["flex"].__class__("flex", KERNELS["flex"].fn, lambda: True,
+                                                                    KERNELS["flex"].unsupported))
+    shifted = SHIFTED.bind(TokenLayout.image_only((64, 64)))
+    assert [k.name for k in _auto_candidates(shifted, _FakeQ())] == ["flex", "kitchen", "blocked"]
+    assert [k.name for k in _auto_candidates(shifted, _FakeQ(shape=(1, 16, 4096, 72)))] == ["kitchen", "blocked"]
+    band = WindowSpec().bind(TokenLayout.image_only((4096,)))
+    assert [k.name for k in _auto_candidates(band, _FakeQ())] == ["flash", "flex", "blocked"]
