@@ -1,13 +1,15 @@
 """Everything worth measuring on a GPU, in one command (sized to finish within ten minutes on one
 H100; not yet run on a GPU).
 
-1. Checks every CUDA window kernel (flash-attn, compiled FlexAttention, blocked) against the
-   dense masked reference on every window preset, with and without text tokens; stops
-   with exit code 1 at the first kernel that is off.
+1. Checks every CUDA window kernel (flash-attn, compiled FlexAttention, comfy-kitchen's na3d
+   where comfy-kitchen >= 0.2.40 is installed, blocked) against the dense masked reference on
+   every window preset, with and without text tokens, at the given head dim and at 64 (where
+   comfy-kitchen runs its fused CUDA kernel; Triton above); stops with exit code 1 at the
+   first kernel that is off.
 2. The kernel table of bench/kernels.py in bf16 at 4096 and 16384 tokens, 1D, 2D and 3D
    windows, each kernel timed against dense SDPA in the same run (and checked again on the
-   timed shapes first).
-3. With a ComfyUI tree (--comfyui or $COMFYUI_PATH): the Table 2 analog (bench/techniques.py)
+   timed shapes first), then the kernel auto measures fastest for each preset.
+4. With a ComfyUI tree (--comfyui or $COMFYUI_PATH): the Table 2 analog (bench/techniques.py)
    and the whole generation at 2048^2 (bench/end_to_end.py); without one, one line says so.
 
 Without CUDA it prints one line and exits 0.
@@ -39,6 +41,7 @@ from kernels import (  # noqa: E402
     preamble,
 )
 
+from ditfastattn_core import kernels as window_kernels  # noqa: E402
 from ditfastattn_core.window import PRESETS  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -63,6 +66,19 @@ def check_all(device: str, dtype: torch.dtype, heads: int, head_dim: int, print_
                 print_line(f"  ok  {name:<8} {label:<40} {text:>3} text tokens  max abs error {err:.1e}")
                 checked += 1
     return checked
+
+
+def auto_choices(device: str, dtype: torch.dtype, heads: int, head_dim: int, n: int, print_line=print) -> dict[str, str]:
+    """The kernel auto runs (measured fastest where several can) for each preset on an
+    image-only layout of about ``n`` tokens, with every candidate's measured time."""
+    chosen = {}
+    for label, spec in PRESETS.items():
+        w = spec.bind(layout_for(spec, n))
+        q = torch.zeros(1, heads, w.layout.seq_len, head_dim, device=device, dtype=dtype)
+        chosen[label] = window_kernels.checked_kernel(w, q).name
+        ranking = window_kernels._rankings.get((q.device, q.dtype, head_dim, w), ())
+        print_line(f"  {label:<52} {chosen[label]:<10} {'measured: ' + ' < '.join(ranking) if ranking else ''}")
+    return chosen
 
 
 def comfy_benchmarks(comfyui: str | None) -> None:
@@ -92,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device, dtype = "cuda", torch.bfloat16
     print(preamble(device, dtype, args.repeats, args.heads, args.head_dim))
-    print(f"\n1. every CUDA kernel vs the dense masked reference (1024 image tokens, 0 or {TEXT_TOKENS} text tokens, bf16)")
+    print(f"\n1. every CUDA kernel vs the dense masked reference (1024 image tokens, 0 or {TEXT_TOKENS} text tokens, bf16, "
+          f"head dim {args.head_dim} and 64)")
     try:
-        n = check_all(device, dtype, args.heads, args.head_dim)
+        n = sum(check_all(device, dtype, args.heads, d) for d in dict.fromkeys((args.head_dim, 64)))
     except KernelMismatch as e:
         print(f"WRONG KERNEL: {e}")
         return 1
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         except KernelMismatch as e:
             print(f"WRONG KERNEL: {e}")
             return 1
+    print(f"\n3. the kernel auto runs for each preset at {args.sizes[0]} tokens, bf16 (measured where several can)")
+    auto_choices(device, dtype, args.heads, args.head_dim, args.sizes[0])
     comfy_benchmarks(args.comfyui)
     return 0
 

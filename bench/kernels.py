@@ -7,9 +7,14 @@ available kernel's median time relative to dense SDPA on the same q, k, v (paire
 the window's FLOPs fraction (keys each query really sees / N) and their ratio: 1.0 means the
 kernel is exactly as efficient per FLOP as dense attention.
 
+The comfy-kitchen kernel (na3d, ComfyUI's own kernel library, 0.2.40 or newer) runs the
+border-shifted "neighbourhood" presets where it is installed. ``--also`` adds kernels auto never
+runs on a CPU, for comparison: FlexAttention unfused (eager) and the dense masked reference.
+
     python bench/kernels.py                 # the default table (several minutes on 2 cores)
     python bench/kernels.py --sizes 4096 --repeats 7 --flex-compiled
     python bench/kernels.py --sizes 4096 --only "2D box"   # presets whose name contains this
+    OMP_NUM_THREADS=1 python bench/kernels.py --sizes 1024 4096 --only "1/8" --also flex-unfused reference
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import paired_ratio, synchronizer  # noqa: E402
 
-from ditfastattn_core.kernels import KERNELS  # noqa: E402
+from ditfastattn_core.kernels import KERNELS, WindowKernel  # noqa: E402
 from ditfastattn_core.kernels.blocked import block_layout_stats  # noqa: E402
 from ditfastattn_core.kernels.flex import flex_window_attention  # noqa: E402
 from ditfastattn_core.window import PRESETS, TokenLayout, Window, WindowSpec  # noqa: E402
@@ -61,14 +66,29 @@ def cases(sizes: list[int], only: str = "") -> Iterator[tuple[str, TokenLayout, 
                 yield f"{label} {'x'.join(map(str, layout.grid))}", layout, specs
 
 
-def kernels_for(window: Window, q: torch.Tensor, flex_compiled: bool = False) -> list[tuple[str, Attention]]:
+ALSO = ("flex-unfused", "reference")
+"""Kernels auto never runs on a CPU, timed only when asked (``--also``)."""
+
+
+def _can_run(kernel: WindowKernel, window: Window, q: torch.Tensor) -> bool:
+    """Installed, importable (a broken install counts as absent here) and able to express ``window``."""
+    if kernel.unsupported(window, q) is not None:
+        return False
+    try:
+        return bool(kernel.available())
+    except Exception:
+        return False
+
+
+def kernels_for(window: Window, q: torch.Tensor, flex_compiled: bool = False,
+                also: tuple[str, ...] = ()) -> list[tuple[str, Attention]]:
     """The kernels that can run ``window`` on ``q`` here, as (name, fn(q, k, v)). FlexAttention
     is compiled on CUDA (as the engine runs it); eager FlexAttention on CPU is far too slow
-    to time, compiled on CPU only when asked."""
+    to time by default: compiled on CPU when asked, unfused with ``also``."""
     out = []
-    for name in ("blocked", "flash", "flex"):
+    for name in ("blocked", "flash", "flex", "kitchen"):
         kernel = KERNELS[name]
-        if not kernel.available() or kernel.unsupported(window, q) is not None:
+        if not _can_run(kernel, window, q):
             continue
         if name == "flex" and q.device.type != "cuda":
             continue
@@ -76,6 +96,11 @@ def kernels_for(window: Window, q: torch.Tensor, flex_compiled: bool = False) ->
     if flex_compiled and q.device.type == "cpu" and KERNELS["flex"].available():
         out.append(("flex-compiled", functools.partial(_windowed, functools.partial(
             flex_window_attention, compiled=True), window)))
+    if "flex-unfused" in also and _can_run(KERNELS["flex"], window, q):
+        out.append(("flex-unfused", functools.partial(_windowed, functools.partial(
+            flex_window_attention, compiled=False), window)))
+    if "reference" in also:
+        out.append(("reference", functools.partial(_windowed, KERNELS["reference"], window)))
     return out
 
 
@@ -120,17 +145,17 @@ class Row:
         return self.time_ratio / self.fraction
 
 
-HEADER = f"{'case':<16} {'window':<40} {'kernel':<14} {'FLOPs frac':>10} {'time/dense':>10} {'time/FLOPs':>10}"
+HEADER = f"{'case':<16} {'window':<52} {'kernel':<14} {'FLOPs frac':>10} {'time/dense':>10} {'time/FLOPs':>10}"
 
 
 def format_row(r: Row) -> str:
-    return (f"{r.case:<16} {r.window:<40} {r.kernel:<14} {r.fraction:>10.3f} {r.time_ratio:>10.3f} "
+    return (f"{r.case:<16} {r.window:<52} {r.kernel:<14} {r.fraction:>10.3f} {r.time_ratio:>10.3f} "
             f"{r.per_flop:>10.3f}   [dense {r.dense_ms:.0f} ms]{r.extra}")
 
 
 def bench_case(name: str, layout: TokenLayout, specs, *, repeats: int, dtype: torch.dtype, device: str,
                flex_compiled: bool = False, heads: int = HEADS, head_dim: int = HEAD_DIM,
-               check_tol: float | None = None, print_row=print) -> list[Row]:
+               check_tol: float | None = None, print_row=print, also: tuple[str, ...] = ()) -> list[Row]:
     """Time every kernel that can run each window against dense SDPA on the same q, k, v;
     with ``check_tol``, first check each kernel against the reference (raises KernelMismatch)."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -149,7 +174,7 @@ def bench_case(name: str, layout: TokenLayout, specs, *, repeats: int, dtype: to
     rows = []
     for label, spec in specs:
         w = spec.bind(layout)
-        for kname, fn in kernels_for(w, q, flex_compiled):
+        for kname, fn in kernels_for(w, q, flex_compiled, also):
             extra = ""
             if check_tol is not None:
                 extra = f" max err {check_exact(kname, fn, w, q, k, v, check_tol):.1e}"
@@ -178,6 +203,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--flex-compiled", action="store_true", help="also time torch.compile'd FlexAttention on CPU")
     ap.add_argument("--check", action="store_true", help="check each kernel against the dense masked reference first")
+    ap.add_argument("--also", nargs="*", default=[], choices=ALSO,
+                    help="also time kernels auto never runs on a CPU: eager FlexAttention, the dense masked reference")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     print(preamble(args.device, dtype, args.repeats))
@@ -185,7 +212,8 @@ def main() -> None:
     print("-" * len(HEADER))
     for name, layout, specs in cases(args.sizes, args.only):
         bench_case(name, layout, specs, repeats=args.repeats, dtype=dtype, device=args.device,
-                   flex_compiled=args.flex_compiled, check_tol=TOLERANCE[dtype] if args.check else None)
+                   flex_compiled=args.flex_compiled, check_tol=TOLERANCE[dtype] if args.check else None,
+                   also=tuple(args.also))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

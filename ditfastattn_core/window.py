@@ -157,7 +157,7 @@ PRESETS: dict[str, WindowSpec] = {
     "3D box 1/4 x 1/8 x 1/8 (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125)),
     "3D box, 1x8x8 tiles (video)": WindowSpec(dims=3, extent=(0.25, 0.125, 0.125), tile=(1, 8, 8)),
     "2D neighbourhood 1/8 (comfy-kitchen na2d)": WindowSpec(dims=2, extent=(0.125, 0.125), border="shift"),
-    "3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d, video)": WindowSpec(
+    "3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d)": WindowSpec(
         dims=3, extent=(0.25, 0.125, 0.125), border="shift"),
 }
 """The windows Calibrate offers by name; the kernel benchmark times exactly these. Saved

@@ -36,7 +36,7 @@ CASES = {
     "2d-preset-on-a-one-frame-video": (PRESETS["2D neighbourhood 1/8 (comfy-kitchen na2d)"], (1, 19, 37)),
     "2d-kernel-wider-than-an-axis": (WindowSpec(dims=2, extent=(0.5, 0.125), border="shift"), (3, 40)),
     "3d-odd": (WindowSpec(dims=3, extent=(0.3, 0.25, 0.25), border="shift"), (4, 6, 5)),
-    "3d-preset": (PRESETS["3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d, video)"], (3, 11, 35)),
+    "3d-preset": (PRESETS["3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d)"], (3, 11, 35)),
     "3d-kernels-wider-than-axes": (WindowSpec(dims=3, extent=(1.0, 0.6, 0.25), border="shift"), (3, 5, 7)),
 }
 
