@@ -104,8 +104,8 @@ def main() -> None:
           f"{full_time:.0f} s; comfy-kitchen sol_attn {'available' if sparse.available() else 'NOT available'}")
     print(f"attention call: {layout.seq_len} tokens = {sparse.arrange(layout).blocks} Sol-Attn blocks, sinks "
           f"{sparse.arrange(layout).sinks}; Sol-Attn keeps {sparse.keep_fraction(layout):.1%} of dense "
-          f"({'saves' if sparse.saves(layout) else 'saves nothing: runs dense, never chosen'}); "
-          f"plan cost model (image tokens only) {sparse.cost_fraction(TokenLayout.image_only(grid)):.1%}\n")
+          f"({'saves' if sparse.saves(layout) else 'saves nothing: runs dense, never chosen'}; the image tokens "
+          f"alone would be {sparse.keep_fraction(TokenLayout.image_only(grid)):.1%})\n")
 
     def scores(name: str, plan, latents: torch.Tensor) -> None:
         images = v.latent_to_image(latents)

@@ -103,7 +103,18 @@ class Plan:
         if grid is None:
             raise PlanError("tokens.grid is unknown, so the window's cost cannot be computed")
         layout = TokenLayout.image_only(tuple(grid))
-        return summarize(self.schedule, self.window.bind(layout).fraction, self.has_cfg, cost_fraction(layout))
+        return summarize(self.schedule, self.window.bind(layout).fraction, self.has_cfg,
+                         cost_fraction(self.sparse_layout(tuple(grid))))
+
+    def sparse_layout(self, grid: tuple[int, ...]) -> TokenLayout:
+        """The token layout Sol-Attn's cost is counted on at ``grid``: with the text tokens the
+        calibration saw (``attention``), which are exact blocks and weigh much at short lengths
+        (the window's cost keeps the image-only layout plans have always been costed on)."""
+        image = TokenLayout.image_only(grid)
+        if self.attention is None or self.grid is None:
+            return image
+        tokens = self.attention.at_grid(self.grid, grid).tokens
+        return TokenLayout(tokens, tokens - image.seq_len, grid) if tokens > image.seq_len else image
 
     def cache_estimate(
         self,

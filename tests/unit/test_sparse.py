@@ -87,6 +87,21 @@ def test_plan_cost_counts_sol_attn_at_its_fraction():
     assert summarize(Schedule.from_letters(["FS"]), 0.25, True).attention_flops == 1.0, "unknown layout: dense"
 
 
+def test_plan_cost_counts_sol_attn_with_the_text_tokens_calibration_saw():
+    """260 tokens (256 image + 4 text, the image demo model): the text block is exact for every
+    query, so Sol-Attn keeps 99% there, not the 88% of the image tokens alone."""
+    from ditfastattn_core.cache_memory import AttentionSize
+
+    grid = (16, 16)
+    plan = Plan(schedule=Schedule.from_letters(["F", "S"]), family="sd3", sigmas=(1.0, 0.5, 0.0), cfg=4.0, grid=grid,
+                attention=AttentionSize(260, 128))
+    with_text = sparse.cost_fraction(TokenLayout(seq_len=260, image_start=4, grid=grid))
+    assert with_text > 0.99 > sparse.cost_fraction(TokenLayout.image_only(grid))
+    assert plan.cost().attention_flops == pytest.approx((1 + with_text) / 2)
+    at_64 = sparse.cost_fraction(TokenLayout(seq_len=4100, image_start=4, grid=(64, 64)))
+    assert plan.cost((64, 64)).attention_flops == pytest.approx((1 + at_64) / 2), "the text stays, the image grows"
+
+
 def test_shipped_plans_load_and_mean_the_same():
     """Adding a letter changes no old plan: every shipped plan loads, writes back the same JSON
     and costs what its summary says."""
