@@ -145,11 +145,11 @@ class Row:
         return self.time_ratio / self.fraction
 
 
-HEADER = f"{'case':<16} {'window':<52} {'kernel':<14} {'FLOPs frac':>10} {'time/dense':>10} {'time/FLOPs':>10}"
+HEADER = f"{'case':<16} {'window':<54} {'kernel':<14} {'FLOPs frac':>10} {'time/dense':>10} {'time/FLOPs':>10}"
 
 
 def format_row(r: Row) -> str:
-    return (f"{r.case:<16} {r.window:<52} {r.kernel:<14} {r.fraction:>10.3f} {r.time_ratio:>10.3f} "
+    return (f"{r.case:<16} {r.window:<54} {r.kernel:<14} {r.fraction:>10.3f} {r.time_ratio:>10.3f} "
             f"{r.per_flop:>10.3f}   [dense {r.dense_ms:.0f} ms]{r.extra}")
 
 
