@@ -252,3 +252,18 @@ def test_a_kitchen_failing_after_its_check_is_disabled_and_the_call_reruns_on_th
         torch.testing.assert_close(kernel(q, k, v, w), KERNELS["reference"](q, k, v, w), atol=2e-5, rtol=2e-5)
         assert kernel.name == "blocked"
     assert len([r for r in caplog.records if "'kitchen' disabled" in r.getMessage()]) == 1
+
+
+def test_a_wa_rs_layer_on_a_shifted_window_runs_on_kitchen_when_it_measures_fastest(written_out_na3d, monkeypatch):
+    from ditfastattn_core import CallContext, RunState, Schedule, Strategy, attend
+
+    monkeypatch.setattr(kernels, "time_kernel", lambda kernel, window, q: {"kitchen": 1.0}.get(kernel.name, 2.0))
+    layout = TokenLayout.image_only((8, 8))
+    spec = PRESETS["2D neighbourhood 1/8 (comfy-kitchen na2d)"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 8, generator=g) for _ in range(3))
+    state = RunState(Schedule.from_letters(["F", "W"]))
+    full = attend(q, k, v, Strategy.FULL, 0, CallContext(step=0, tokens=layout, window=spec), state)
+    out = attend(q, k, v, Strategy.WA_RS, 0, CallContext(step=1, tokens=layout, window=spec), state)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)  # WA-RS on FULL's own inputs is FULL
+    assert written_out_na3d[-1]["shape"] == (2, 1, 8, 8, 2, 8), "the layer's call ran on na3d"
