@@ -75,7 +75,7 @@ class Variant:
 
     def real_set(self, digits, labels, per_digit: int | None = None, seed: int = 0):
         """A split as real samples: every digit at every shift (digits); at ``per_digit`` random
-        offsets of the 25 (image, default 3: all of them would be 2+ GB); at every start jitter
+        offsets of the 9 (image, default 3: all of them would be 1 GB); at every start jitter
         (video, 9) or at ``per_digit`` random ones."""
         if self.name == "digits":
             return data.every_shift(digits, labels)
