@@ -151,11 +151,11 @@ def test_a_new_strategy_appends_its_switch(pack):
     from ditfastattn_core.strategies import SWITCHES
 
     calibrate = sys.modules[pack["DiTFastAttn_Calibrate"].__module__]
-    new = types.SimpleNamespace(name="SPARSE", description="a new strategy", switch=len(SWITCHES))
+    new = types.SimpleNamespace(name="NEXT", description="a new strategy", switch=len(SWITCHES))
     in_place = [i.id for i in calibrate.switch_inputs((*SWITCHES, new), in_place=True)]
     appended = calibrate.switch_inputs((*SWITCHES, new), in_place=False)
     assert in_place == ["use_ast", "use_wa_rs_asc", "use_wa_rs", "use_asc"]
-    assert [i.id for i in appended] == ["use_sparse"] and appended[0].optional
+    assert [i.id for i in appended] == ["use_sparse", "use_next"] and all(i.optional for i in appended)
 
 
 @pytest.mark.parametrize("node", ["DiTFastAttn_Apply", "DiTFastAttn_ApplyRay", "DiTFastAttn_Calibrate"])

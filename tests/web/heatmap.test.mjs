@@ -13,11 +13,12 @@ const LEGEND = [
   { letter: "X", label: "WA-RS+ASC", colour: "#10b981" },
   { letter: "T", label: "AST", colour: "#ef4444" },
   { letter: "A", label: "WA", colour: "#a5b4fc" },
+  { letter: "S", label: "Sol-Attn", colour: "#8b5cf6" },
 ];
 const legend = parseLegend(LEGEND);
 
 test("parseLegend keeps the pack's order and refuses what is not a legend", () => {
-  assert.deepEqual([...legend.keys()], ["F", "W", "C", "X", "T", "A"]);
+  assert.deepEqual([...legend.keys()], ["F", "W", "C", "X", "T", "A", "S"]);
   assert.equal(legend.get("W").label, "WA-RS");
   for (const bad of [null, [], [{ letter: "FF", label: "x", colour: "#000000" }],
     [{ letter: "F", label: "x", colour: "red;background:url(x)" }],
@@ -42,7 +43,7 @@ test("parsePlan refuses what is not a plan, or letters the legend does not know"
 test("a strategy added on the Python side is drawn without a JS change", () => {
   const wider = parseLegend([...LEGEND, { letter: "Q", label: "NEW", colour: "#123456" }]);
   const p = parsePlan(["FQ"], wider);
-  assert.deepEqual(countStrategies(p, wider), { F: 1, W: 0, C: 0, X: 0, T: 0, A: 0, Q: 1 });
+  assert.deepEqual(countStrategies(p, wider), { F: 1, W: 0, C: 0, X: 0, T: 0, A: 0, S: 0, Q: 1 });
 });
 
 test("layout fills the box and cellAt finds the cell under a point", () => {
