@@ -145,8 +145,10 @@ def explain_misses(stats: Mapping[str, int], site_misses: Mapping[tuple[str, Any
         lines.append(f"raylight's CFG parallel runs the conditional branch on another GPU: ASC computed the "
                      f"unconditional branch itself ({stats['asc_cfg_parallel']} layer calls)")
     if stats.get("asc_miss"):
-        lines.append(f"ASC found no conditional output of the same call at this step (cond and uncond on other "
-                     f"devices or calls): {stats['asc_miss']} unconditional layer calls ran FULL")
+        lines.append(f"ASC found no conditional output of the same call at this step: {stats['asc_miss']} "
+                     "unconditional layer calls ran FULL (ComfyUI ran cond and uncond in separate calls, as it does "
+                     "when memory is short for both in one batch: a smaller batch lets them share a call; or on "
+                     "other devices)")
     return lines
 
 
