@@ -27,11 +27,13 @@ sampling.
 
 ``--model image`` / ``--model video``: the same table on the 256-token demo models
 (demo_model/variants.py) with the window study's windows (``STUDY_WINDOWS``: the 1D band, tiled
-band, 2D box, tiled 2D, 3D boxes and tiled 3D, sized to about the paper band's attention FLOPs on
-that grid; docs/window_study.md):
+band, 2D box, tiled 2D, 3D boxes and tiled 3D, border-shifted boxes, sized to about the paper
+band's attention FLOPs on that grid; docs/window_study.md). ``--wa-rs-only`` calibrates with WA-RS
+as the only candidate, so that the rows differ by the window alone (with every candidate, AST takes
+most (step, layer) slots on these models and the window decides few):
 
     COMFYUI_PATH=~/comfyui python bench/quality.py --model image --samples 256 --modes guided \
-        --deltas D2 D4 D6
+        --deltas D2 D4 D6 [--wa-rs-only]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ STUDY_WINDOWS = {
         "band-tiled": ("study: band 1/8, 8-token tiles", {"tile": (8,)}),
         "2d": ("study: 2D box 1/4 (radius 4)", {"dims": 2, "extent": (0.25, 0.25)}),
         "2d-tiled": ("study: 2D box 1/8, 2x4 tiles", {"dims": 2, "extent": (0.125, 0.125), "tile": (2, 4)}),
+        "2d-shift": ("study: 2D neighbourhood radius 4 (na2d)", {"dims": 2, "extent": (0.25, 0.25), "border": "shift"}),
     },
     "video": {
         "band": ("band 1/8 (paper)", {}),
@@ -67,8 +70,10 @@ STUDY_WINDOWS = {
         "3d": ("study: 3D box radius 2x2x2", {"dims": 3, "extent": (0.5, 0.25, 0.25)}),
         "3d-t1": ("study: 3D box radius 1x3x3", {"dims": 3, "extent": (0.25, 0.375, 0.375)}),
         "3d-all": ("study: 3D box all frames, radius 2x2", {"dims": 3, "extent": (1.0, 0.25, 0.25)}),
-        "3d-tiled": ("study: 3D box radius 1x1x1, 1x2x2 tiles", {"dims": 3, "extent": (0.25, 0.125, 0.125),
-                                                                 "tile": (1, 2, 2)}),
+        "3d-tiled": ("study: 3D box radius 1x1x1, 2x1x2 tiles", {"dims": 3, "extent": (0.25, 0.125, 0.125),
+                                                                 "tile": (2, 1, 2)}),
+        "3d-shift": ("study: 3D neighbourhood radius 2x2x2 (na3d)", {"dims": 3, "extent": (0.5, 0.25, 0.25),
+                                                                     "border": "shift"}),
     },
 }
 
@@ -120,6 +125,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=500, help="bootstrap resamples")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for each configuration's latents (bench/results/quality[-<model>])")
+    ap.add_argument("--wa-rs-only", action="store_true",
+                    help="calibrate with WA-RS as the only candidate, so that the rows differ by the window alone")
     ap.add_argument("--reuse", action="store_true", help="take latents saved under --out instead of sampling")
     args = ap.parse_args()
     if args.out is None:
@@ -145,7 +152,7 @@ def main() -> None:
     emb = v.load_embeddings()
     clf = v.load_classifier()
     train_x, train_y, test_x, test_y = load_digits_split()
-    space = FeatureSpace(clf, v.real_set(train_x, train_y)[0])
+    space = FeatureSpace(clf, v.real_set(train_x, train_y, per_digit=3)[0])  # digits: every shift
     real = space(v.real_set(test_x, test_y, seed=1)[0])
     latent_to_image, empty_latent, symmetry_error = v.latent_to_image, v.empty_latent, v.structure_error
     labels = torch.tensor([i % NUM_CLASSES for i in range(args.samples)])
@@ -237,11 +244,13 @@ def main() -> None:
     cal_neg = class_conditioning(emb, [NULL] * NUM_CLASSES)
     cal_latent = empty_latent(NUM_CLASSES)
 
+    only = {"use_ast": False, "use_wa_rs_asc": False, "use_wa_rs": True, "use_asc": False} if args.wa_rs_only else {}
+
     def compressed(window: str, mode: str, d: str) -> dict:
         t0 = time.perf_counter()
         plan, _, _ = pack["DiTFastAttn_Calibrate"].execute(
             model, cal_pos, cal_neg, cal_latent, args.calibration_seed, STEPS, CFG, SAMPLER, SCHEDULER,
-            1.0, DELTAS[d], mode, window=window, samples=1, window_kernel="auto").result
+            1.0, DELTAS[d], mode, window=window, samples=1, window_kernel="auto", **only).result
         cal_time = time.perf_counter() - t0
         patched = pack["DiTFastAttn_Apply"].execute(model, plan, "auto", "strict").result[0]
         return {"latents": generate(patched), "flops": plan.cost().attention_flops,
@@ -250,7 +259,7 @@ def main() -> None:
     for window in args.windows:
         for mode in args.modes:
             for d in args.deltas:
-                name = f"{window} {mode} {d}"
+                name = f"{window} {mode} {d}" + (" WA-RS" if args.wa_rs_only else "")
                 record = saved(name, lambda window=window, mode=mode, d=d: compressed(windows[window], mode, d))
                 r = row(name, record["flops"], record["latents"])
                 show({**r, "plan": record["plan"], "cal_time": record["cal_time"]})

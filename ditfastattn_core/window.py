@@ -159,9 +159,25 @@ PRESETS: dict[str, WindowSpec] = {
     "2D neighbourhood 1/8 (comfy-kitchen na2d)": WindowSpec(dims=2, extent=(0.125, 0.125), border="shift"),
     "3D neighbourhood 1/4 x 1/8 x 1/8 (comfy-kitchen na3d)": WindowSpec(
         dims=3, extent=(0.25, 0.125, 0.125), border="shift"),
+    "2D box 1/4 (the paper band's cost)": WindowSpec(dims=2, extent=(0.25, 0.25)),
+    "3D box 1/2 x 1/4 x 1/4 (the paper band's cost)": WindowSpec(dims=3, extent=(0.5, 0.25, 0.25)),
 }
 """The windows Calibrate offers by name; the kernel benchmark times exactly these. Saved
-workflows store the names: append new ones, never rename."""
+workflows store the names: append new ones, never rename. The last two keep about a quarter of
+the keys at any resolution, as the paper's band does ((2 * 1/4)^2 and 1 * (2 * 1/4)^2 of the grid),
+so that the window study compares shapes at equal cost."""
+
+FAMILY_DEFAULT = "default for the model's family"
+"""Calibrate's window choice that stands for the preset the window study found best for the
+model's kind of token grid (``FAMILY_WINDOWS``; a family may name its own): the plan stores the
+window it stood for."""
+
+FAMILY_WINDOWS: dict[int, str] = {
+    2: "2D box 1/4 (the paper band's cost)",
+    3: "3D box 1/2 x 1/4 x 1/4 (the paper band's cost)",
+}
+"""The preset per token grid (2: image families, 3: video families), from the window study on
+the 256-token demo models (docs/window_study.md)."""
 
 
 def _fold_grid(grid: tuple[int, ...], dims: int) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from ..ditfastattn_core.calibrate import GUIDED, MODES
 from ..ditfastattn_core.comfy_bridge.calibration import CalibrationRequest, calibrate
 from ..ditfastattn_core.kernels import kernel_names
 from ..ditfastattn_core.strategies import CANDIDATE_ORDER, SWITCHES, SWITCHES_IN_PLACE
+from ..ditfastattn_core.window import FAMILY_DEFAULT
 from ..ditfastattn_core.window import PRESETS as WINDOWS
 from .types import Plan, check_window_kernel, plan_ui
 
@@ -60,8 +61,10 @@ class CalibratePlan(io.ComfyNode):
                                "a reference, local errors with a learned scale (about two generations). paper: "
                                "the paper's greedy search on the whole output (4L+2 forwards per step)."),
                 *switch_inputs(SWITCHES, in_place=True),
-                io.Combo.Input("window", options=list(WINDOWS), default="band 1/8 (paper)",
-                               tooltip="The window of WA-RS; stored in the plan."),
+                io.Combo.Input("window", options=[FAMILY_DEFAULT, *WINDOWS], default=FAMILY_DEFAULT,
+                               tooltip="The window of WA-RS; stored in the plan. The family default is the window "
+                               "the pack's window study found best for the model's kind (image or video); the "
+                               "summary names it."),
                 io.Int.Input("samples", default=1, min=1, max=64,
                              tooltip="Calibrate on this many seeds (seed, seed+1, ...) at once: one joint decision."),
                 io.Combo.Input("window_kernel", options=kernel_names(), default="auto"),
@@ -89,8 +92,8 @@ class CalibratePlan(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, delta, mode, window, samples, window_kernel, start_at_step=0, end_at_step=10000,
                 add_noise=True, return_with_leftover_noise=False, **use_candidate: bool) -> io.NodeOutput:
-        if window not in WINDOWS:
-            raise ValueError(f"unknown window {window!r}; choose one of {list(WINDOWS)}")
+        if window != FAMILY_DEFAULT and window not in WINDOWS:
+            raise ValueError(f"unknown window {window!r}; choose one of {[FAMILY_DEFAULT, *WINDOWS]}")
         unknown = set(use_candidate) - set(CANDIDATE_INPUTS)
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}")
@@ -98,7 +101,7 @@ class CalibratePlan(io.ComfyNode):
                            if use_candidate.get(name, s.offered and s.default_on))
         request = CalibrationRequest(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
-            delta=delta, mode=mode, candidates=candidates, window=WINDOWS[window], samples=samples,
+            delta=delta, mode=mode, candidates=candidates, window=WINDOWS.get(window), samples=samples,
             kernel=window_kernel, start_step=start_at_step, end_step=end_at_step, add_noise=add_noise,
             return_with_leftover_noise=return_with_leftover_noise,
         )

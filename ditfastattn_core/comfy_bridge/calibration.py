@@ -22,7 +22,7 @@ from ..plan import Calibration, Plan
 from ..state import RunState
 from ..steps import StepMapper
 from ..strategies import OFFERED_CANDIDATES, Strategy
-from ..window import WindowSpec
+from ..window import PRESETS, WindowSpec
 from .attention_chain import has_core_sparse_attention
 from .families import Geometry
 from .install import install, model_geometry
@@ -205,7 +205,8 @@ class CalibrationRequest:
     delta: float = 0.1
     mode: str = GUIDED
     candidates: tuple[Strategy, ...] = OFFERED_CANDIDATES
-    window: WindowSpec = WindowSpec()
+    window: WindowSpec | None = WindowSpec()
+    """The window of WA-RS; None: the model family's default (``Geometry.window``)."""
     samples: int = 1
     kernel: str = "auto"
     start_step: int = 0
@@ -331,9 +332,13 @@ def calibrate(
                          "Sparse Attention on this model would compute some layers itself: connect the model before "
                          "Model Sparse Attention, and add that node after Apply FastAttn instead")
     sink = CalibrationSink()
+    window, notes = request.window, []
+    if window is None:
+        window = PRESETS[geometry.window]
+        notes.append(f"window: {geometry.window}, the default for {geometry.label} (docs/window_study.md)")
     patched = calibration_patch(
         model, mode=request.mode, delta=request.delta, candidates=request.candidates,
-        window=request.window, sink=sink, kernel=request.kernel, cfg=request.cfg, on_trial=on_trial,
+        window=window, sink=sink, kernel=request.kernel, cfg=request.cfg, on_trial=on_trial,
         geometry=geometry,
     )
     if request.samples > 1 and latent.get("noise_mask") is not None:
@@ -359,7 +364,7 @@ def calibrate(
         denoise=float(request.denoise),
         grid=sink.grid,
         attention=sink.attention,
-        window=request.window,
+        window=window,
         calibration=Calibration(mode=request.mode, delta=request.delta, samples=latent_image.shape[0]),
     )
-    return CalibrationResult(plan=plan, samples=samples, stats=sink.stats, notes=tuple(sink.notes))
+    return CalibrationResult(plan=plan, samples=samples, stats=sink.stats, notes=(*notes, *sink.notes))

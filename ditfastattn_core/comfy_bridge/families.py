@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..window import TokenLayout
+from ..window import FAMILY_WINDOWS, TokenLayout
 
 TEXT_FIRST = "text_first"
 """[text, image, extra]: the image starts after the conditioning's text tokens."""
@@ -230,6 +230,9 @@ class Family:
     check_call: CallCheck = _placeable
     """Raises ``UnplaceableCall`` for a model call (image token count, text length, conditioning)
     whose image self-attention cannot be placed safely."""
+    window: str | None = None
+    """The window preset Calibrate's family default stands for on this family (None: the one for
+    its token grid, ``window.FAMILY_WINDOWS``, from the window study)."""
 
     def covers(self, base_model: Any) -> bool:
         if type(base_model).__name__ not in self.model_classes:
@@ -246,12 +249,14 @@ class Family:
         for b, n in zip(self.blocks, counts, strict=True):
             offsets[b.block_type] = start
             start += n
+        patch = self.patch(cfg, diffusion_model)
         return Geometry(
-            family=self.name, label=self.label, layers=start, patch=self.patch(cfg, diffusion_model),
+            family=self.name, label=self.label, layers=start, patch=patch,
             order=self.order(diffusion_model), text_from_context=self.text_from_context,
             joint_only=self.joint_only, attach=self.attach, block_offsets=offsets,
             pad_multiple=int(self.pad_multiple(diffusion_model)), keyed=self.keyed,
             latent_shape=self.latent_shape, check_call=self.check_call,
+            window=self.window or FAMILY_WINDOWS[len(patch)],
         )
 
 
@@ -273,6 +278,8 @@ class Geometry:
     keyed: bool = False
     latent_shape: LatentShape = _own_shape
     check_call: CallCheck = _placeable
+    window: str = "band 1/8 (paper)"
+    """The window preset Calibrate's family default stands for (``Family.window``)."""
 
     def call_grid(self, x_shape: tuple[int, ...], text_len: int | None, conds: Mapping[str, Any]) -> tuple[int, ...]:
         """The image token grid of one model call (x and its conditioning kwargs); raises

@@ -254,7 +254,8 @@ def check_window(geometry: Geometry, window: WindowSpec, latent_shape: tuple[int
     try:
         window.bind(TokenLayout.image_only(grid))
     except ValueError as e:
-        kind = {1: "1D band", 2: "2D box", 3: "3D box"}[window.dims]
+        shape = "neighbourhood" if window.border == "shift" else "box"
+        kind = "1D band" if window.dims == 1 else f"{window.dims}D {shape}"
         hint = " (a video latent needs a 1D band or a 3D box)" if len(grid) == 3 and grid[0] > 1 else ""
         raise ValueError(f"the {kind} window cannot be used on this latent ({e}){hint}: {fix}") from e
 

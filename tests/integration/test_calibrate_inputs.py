@@ -89,3 +89,30 @@ def test_the_sol_attn_switch_is_appended_off_and_a_saved_workflow_calibrates_as_
     names = [[s.name for s in candidates] for candidates in seen]  # the pack's own copy of the table
     assert names[0] == [s.name for s in DEFAULT_CANDIDATES] and "SPARSE" not in names[0]
     assert set(names[1]) == {*names[0], Strategy.SPARSE.name}
+
+
+@pytest.mark.parametrize("name, dims", [("flux", 2), ("pixart", 2), ("sd3", 2), ("wan", 3), ("hunyuan_video", 3)])
+def test_the_family_default_window_is_the_study_s_for_the_grid_and_the_plan_stores_it(pack, name, dims):
+    """Calibrate's default window stands for the window study's preset for the model's kind of
+    token grid (2D for image families, 3D for video ones); the plan stores that window and the
+    summary names it, so the plan means the same on any later version of the table."""
+    from dataclasses import astuple
+
+    from ditfastattn_core.window import FAMILY_DEFAULT, FAMILY_WINDOWS, PRESETS
+
+    node = pack["DiTFastAttn_Calibrate"]
+    window_input = next(i for i in node.GET_SCHEMA().inputs if i.id == "window")
+    assert window_input.default == FAMILY_DEFAULT and window_input.options[0] == FAMILY_DEFAULT
+    assert PRESETS[FAMILY_WINDOWS[dims]].dims == dims
+    tiny = BUILDERS[name]()
+    plan, _, summary = node.execute(
+        tiny.patcher, tiny.positive, tiny.negative, {"samples": tiny.latent}, 0, 3, 3.0, "euler", "normal", 1.0,
+        0.1, "guided", window=FAMILY_DEFAULT, samples=1, window_kernel="auto", use_ast=True, use_wa_rs_asc=True,
+        use_wa_rs=True, use_asc=True).result
+    assert astuple(plan.window) == astuple(PRESETS[FAMILY_WINDOWS[dims]])  # the pack's own copy of the class
+    assert f"window: {FAMILY_WINDOWS[dims]}, the default for " in summary
+    explicit, _, summary = node.execute(
+        tiny.patcher, tiny.positive, tiny.negative, {"samples": tiny.latent}, 0, 3, 3.0, "euler", "normal", 1.0,
+        0.1, "guided", window="band 1/8 (paper)", samples=1, window_kernel="auto", use_ast=True,
+        use_wa_rs_asc=True, use_wa_rs=True, use_asc=True).result
+    assert astuple(explicit.window) == astuple(PRESETS["band 1/8 (paper)"]) and "the default for" not in summary
