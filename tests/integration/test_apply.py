@@ -165,7 +165,7 @@ def test_unsupported_model_is_refused():
 
 
 def test_strategy_letters_used_are_known():
-    assert {s.letter for s in Strategy} == set("FWCXTA")
+    assert {s.letter for s in Strategy} == set("FWCXTAS")
 
 
 def test_every_self_attention_layer_is_routed_once_per_step(tiny, caplog):
