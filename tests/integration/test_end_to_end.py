@@ -64,7 +64,7 @@ def test_summary_names_every_figure(job):
     assert re.fullmatch(r"error vs FULL .*: \d\.\d{3}", _summary(stdout, "error vs FULL"))
     assert re.fullmatch(r"speedup over FULL: \d+\.\d\dx .*", _summary(stdout, "speedup over FULL"))
     n = CLASSES * SAMPLES
-    assert re.fullmatch(rf"read as their digit .*: FULL \d+/{n}, FastAttn \d+/{n}", _summary(stdout, "read as"))
+    assert re.fullmatch(rf"read as their (digit|class) .*: FULL \d+/{n}, FastAttn \d+/{n}", _summary(stdout, "read as"))
 
 
 def test_png_has_the_layout_the_panels_and_the_plan(job):

@@ -90,7 +90,7 @@ def test_calibrate_and_save_over_http(server, calibrated):
     plan = json.loads(path.read_text())
     assert plan["strategies"] == ui["strategies"]
     assert any(ch != "F" for row in plan["strategies"] for ch in row), "the plan compresses something"
-    assert [e["letter"] for e in ui["legend"]] == ["F", "W", "C", "X", "T", "A"]
+    assert [e["letter"] for e in ui["legend"]] == ["F", "W", "C", "X", "T", "A", "S"]
     assert latent.shape == (1, 16, 16, 24) and torch.isfinite(latent).all()
 
 
