@@ -156,8 +156,8 @@ def test_plan_for_another_model_is_refused(server, calibrated):
 
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
-# The demo workflows name only what the pack ships (its demo model and plan): they run here.
-OFFLINE = [p for p in EXAMPLES if p.stem.startswith("FastAttn demo")]
+# The demo workflows (digits, image, video) name only what the pack ships (its demo models and plan): they run here.
+OFFLINE = [p for p in EXAMPLES if p.stem.startswith("FastAttn ") and " demo" in p.stem]
 NEEDS_MODELS = [p for p in EXAMPLES if p not in OFFLINE]
 
 
